@@ -1,0 +1,1 @@
+"""fastMRI brain data: reader, coil combination, masks, synthetic volumes, TFDS builder, loader."""
