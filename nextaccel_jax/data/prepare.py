@@ -22,18 +22,27 @@ def data_dir_for(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
   return os.environ.get("TFDS_DATA_DIR") or os.fspath(pathlib.Path(workdir) / "tensorflow_datasets")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-  """Builds the dataset named by `config.data` and writes/prints its summary."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  data_dir = data_dir_for(config, workdir)
-  builder = build.build(
+def dataset_name(config: ml_collections.ConfigDict) -> str:
+  return f"fastmri_brain_multiscale/{config.data.builder_config}"
+
+
+def build_from_config(config: ml_collections.ConfigDict, data_dir: str):
+  """Builds (or reuses) the dataset that `config.data` names; returns its builder."""
+  return build.build(
     config.data.builder_config,
     data_dir=data_dir,
     manual_dir=config.data.manual_dir or None,
     num_workers=config.data.num_workers or None,
   )
-  name = f"fastmri_brain_multiscale/{config.data.builder_config}"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+  """Builds the dataset named by `config.data` and writes/prints its summary."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  data_dir = data_dir_for(config, workdir)
+  builder = build_from_config(config, data_dir)
+  name = dataset_name(config)
   report = {"dataset": name, "data_dir": data_dir, "splits": {}, "skipped": builder.skipped}
   for split in builder.info.splits:
     report["splits"][split] = summary.split_counts(pipeline.load_split(name, split, data_dir))

@@ -251,9 +251,9 @@ def test_load_split_errors(built, tmp_path):
 
 def test_data_stage_summary(built, tmp_path):
   _, data_dir = built
-  from configs import demo
+  from configs import data as data_config
 
-  config = demo.get_config("smoke")
+  config = data_config.get_config("smoke")
   config.data.data_dir = str(data_dir)
   report = prepare.run(config, tmp_path)
   saved = json.loads((tmp_path / "data_summary.json").read_text())

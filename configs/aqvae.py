@@ -1,0 +1,103 @@
+"""Stage 1: the AQ-VAE tokenizer.
+
+  # Demo on the built-in synthetic data (builds it first if needed):
+  python -m nextaccel_jax.main --config=configs/aqvae.py:demo --workdir=runs/aqvae
+  # Paper size on real fastMRI (dataset built with configs/data.py:paper):
+  python -m nextaccel_jax.main --config=configs/aqvae.py:paper --workdir=runs/aqvae \
+      --config.data.data_dir=$TFDS_DATA_DIR [--config.init_from=runs/var_vae]
+
+`init_from` points at an Orbax checkpoint written by `python -m nextaccel_jax.models.convert_var`
+(VAR's vae_ch160v4096z32.pth) or at another stage-1 workdir.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def model_config(preset: str) -> ml_collections.ConfigDict:
+  """AQ-VAE sizes; stage 2 imports this so the two stages agree on the tokenizer."""
+  m = ml_collections.ConfigDict()
+  if preset == "paper":
+    # VAR's VQ-VAE: 256² → 16² latent through five levels.
+    m.ch, m.ch_mult, m.num_res_blocks, m.z_channels, m.vocab_size = (
+      160,
+      (1, 1, 2, 2, 4),
+      2,
+      32,
+      4096,
+    )
+  elif preset == "demo":
+    # 128² → 16² through four levels, narrow enough to train on two CPU cores.
+    m.ch, m.ch_mult, m.num_res_blocks, m.z_channels, m.vocab_size = 16, (1, 2, 2, 4), 1, 16, 512
+  else:
+    m.ch, m.ch_mult, m.num_res_blocks, m.z_channels, m.vocab_size = 16, (1, 1, 2), 1, 8, 64
+  # GroupNorm groups: VAR's 32 for the paper size; 8 lets the small presets be 16 channels wide.
+  m.norm_groups = 32 if preset == "paper" else 8
+  m.using_sa = True
+  m.using_mid_sa = True
+  # Width of the FiLM label embedding (acceleration + mask family).
+  m.label_features = 256 if preset == "paper" else 64
+  # VAR's four shared Phi convs (scale map [0, 0, 1, 2, 3, 3]) with residual ratio 0.5.
+  m.num_phi = 4
+  m.quant_resi = 0.5
+  m.ema_decay = 0.99 if preset == "paper" else 0.9
+  # Commitment weight β (applied inside the quantizer).
+  m.beta = 0.25
+  # Re-seed codes whose EMA cluster size drops below this with batch latents (0 = off, as in the
+  # paper); the small presets train from scratch with few steps and need it to use the codebook.
+  m.restart_threshold = 0.0 if preset == "paper" else 0.2
+  # Recompute block activations in the backward pass (six encoder passes per sample).
+  m.remat = preset == "paper"
+  # Compute dtype: "float32" or "bfloat16" (params, norms, codebook distances and losses stay fp32).
+  m.dtype = "float32"
+  return m
+
+
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+  preset = common.check_preset(arg)
+  config = ml_collections.ConfigDict()
+  config.stage = "aqvae"
+  config.seed = 0
+  config.data = common.data_config(preset, batch_size={"paper": 16, "demo": 4, "smoke": 8}[preset])
+  config.model = model_config(preset)
+  # Previous weights: Orbax dir with {"params", "vq_ema"} (converted VAR VQ-VAE or a stage-1 run).
+  config.init_from = ""
+
+  config.loss = ml_collections.ConfigDict()
+  # Paper Eq. 3 weights for the terms this stage owns; β is inside the quantizer.
+  config.loss.ssim = 1.0
+  config.loss.commitment = 1.0
+  # Not in the paper's objective: an L1 magnitude term that speeds up short from-scratch runs.
+  config.loss.l1 = 0.0 if preset == "paper" else 1.0
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = {"paper": 1e-4, "demo": 1e-3, "smoke": 1e-3}[preset]
+  config.optim.end_lr = 1e-6
+  config.optim.schedule = "cosine"
+  config.optim.warmup_steps = {"paper": 1000, "demo": 50, "smoke": 1}[preset]
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.weight_decay = 1e-4
+  config.optim.grad_clip = 5.0
+
+  config.num_epochs = {"paper": 100, "demo": 12, "smoke": 1}[preset]
+  # Overrides num_epochs when > 0.
+  config.num_train_steps = {"paper": 0, "demo": 0, "smoke": 4}[preset]
+  # Stop after this many steps in one invocation (0 = run to the end); a rerun resumes.
+  config.max_steps_per_run = 0
+  config.log_every = {"paper": 50, "demo": 10, "smoke": 1}[preset]
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.every = {"paper": 2000, "demo": 100, "smoke": 4}[preset]
+  config.eval.batch_size = 8
+  # Validation slices per mask family (0 = all).
+  config.eval.max_records = {"paper": 0, "demo": 0, "smoke": 2}[preset]
+  config.eval.protocol = "paper"
+
+  config.ckpt = ml_collections.ConfigDict()
+  config.ckpt.every = {"paper": 1000, "demo": 100, "smoke": 2}[preset]
+  config.ckpt.max_to_keep = 3
+  # Mesh axes as (name, size) pairs; -1 takes the remaining devices.
+  config.mesh = [("data", -1)]
+  return config

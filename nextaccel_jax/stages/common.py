@@ -1,0 +1,410 @@
+"""Loop plumbing shared by the stage modules, as small functions (style.md §2 "Entry and stages").
+
+- Logging: `MetricWriter` appends one JSON object per logged step to `workdir/metrics.jsonl` and
+  writes `workdir/config.json` (big_vision's writer); `Progress` is a tqdm bar for terminals.
+- Optimisation: `make_schedule` (linear warm-up, then cosine, linear or constant),
+  `make_optimizer` (global-norm clipping, then AdamW) and `no_decay_mask` (which parameters get
+  weight decay, by regex on their path).
+- Checks and measurements: `tree_norm` for the grad/param/update norms every log line carries,
+  `check_finite` for the NaN abort, `StepTimer`, `count_params` and `periodic`.
+
+Only process 0 writes files or draws the bar, so stage code calls these on every process alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+# Parameters that are not weight matrices: biases, norm scales, embedding tables, positional
+# embeddings (`pos_start`, `pos_1LC`) and VAR's per-head attention temperature (`scale_mul_1H11`).
+# Decaying them towards zero only fights their initialisation (VAR excludes the same set).
+NO_DECAY_PATTERNS = (
+  r".*bias$",
+  r".*scale$",
+  r".*embedding$",
+  r"(.*/)?pos_[^/]*$",
+  r"(.*/)?scale_mul[^/]*$",
+)
+
+
+def _is_chief() -> bool:
+  return jax.process_index() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Metric files
+
+
+def _json_scalar(name: str, value):
+  """A metric value as a JSON-able Python scalar; numpy and JAX numbers become floats."""
+  if value is None or isinstance(value, bool | int | float | str):
+    return value
+  arr = np.asarray(value)
+  if arr.size != 1:
+    raise ValueError(f"metric {name!r} must be a scalar, got shape {arr.shape}")
+  if arr.dtype == np.bool_:
+    return bool(arr.reshape(()))
+  return float(arr.reshape(()))
+
+
+class MetricWriter:
+  """Appends metric lines `{"step": ..., "split": ..., **scalars}` to a JSONL file.
+
+  Attributes:
+    path: The metrics file.
+    workdir: The folder of the metrics file and `config.json`.
+  """
+
+  def __init__(self, workdir, *, filename: str = "metrics.jsonl"):
+    """Opens `workdir/filename` for appending, so a resumed job continues the same file.
+
+    Args:
+      workdir: Stage working directory; created if missing.
+      filename: Name of the JSONL file.
+    """
+    self.workdir = os.fspath(workdir)
+    self.path = os.path.join(self.workdir, filename)
+    self._file = None
+    if _is_chief():
+      os.makedirs(self.workdir, exist_ok=True)
+      self._file = open(self.path, "a", encoding="utf-8")
+
+  def __enter__(self) -> MetricWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def write(self, step: int, scalars: Mapping[str, object], split: str = "train") -> None:
+    """Writes one line.
+
+    Args:
+      step: Training step the values belong to.
+      scalars: Metric name to scalar (Python, numpy or JAX; None is written as null).
+      split: `"train"`, `"validation"`, ...
+
+    Raises:
+      ValueError: If a value is not a scalar or a name is `step` or `split`.
+    """
+    clash = {"step", "split"} & set(scalars)
+    if clash:
+      raise ValueError(f"metric names {sorted(clash)} are reserved for the line itself")
+    record = {"step": int(step), "split": str(split)}
+    record.update({str(k): _json_scalar(str(k), v) for k, v in scalars.items()})
+    if self._file is None:
+      return
+    self._file.write(json.dumps(record) + "\n")
+    # A crashed job should still leave every line it logged.
+    self._file.flush()
+
+  def write_config(self, config) -> None:
+    """Writes `workdir/config.json` from a ConfigDict or a plain mapping."""
+    if not _is_chief():
+      return
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(as_dict, f, indent=2, sort_keys=True, default=str)
+      f.write("\n")
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def make_schedule(
+  *,
+  base_lr: float,
+  total_steps: int,
+  warmup_steps: int,
+  schedule: str = "cosine",
+  end_lr: float = 0.0,
+) -> Callable[[jax.Array], jax.Array]:
+  """Learning rate per optimiser step: linear warm-up from 0, then decay to `end_lr`.
+
+  Args:
+    base_lr: Peak learning rate, reached at `warmup_steps`.
+    total_steps: Step at which the decay reaches `end_lr`.
+    warmup_steps: Length of the linear warm-up (0 for none).
+    schedule: `"cosine"` or `"linear"` decay from `base_lr` to `end_lr`, or `"constant"` at
+      `base_lr` after the warm-up.
+    end_lr: Final learning rate of the decaying schedules.
+
+  Returns:
+    A function of the step count (the number of updates already applied, as optax passes it)
+    returning a float32 learning rate; it stays at `end_lr` after `total_steps`.
+
+  Raises:
+    ValueError: For an unknown schedule or inconsistent step counts.
+  """
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+  if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
+    raise ValueError(
+      f"need 0 <= warmup_steps <= total_steps and total_steps > 0, got warmup_steps="
+      f"{warmup_steps}, total_steps={total_steps}"
+    )
+  decay_steps = max(total_steps - warmup_steps, 1)
+
+  def lr(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = base_lr * step / max(warmup_steps, 1)
+    progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
+    if schedule == "cosine":
+      decayed = end_lr + (base_lr - end_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    elif schedule == "linear":
+      decayed = base_lr + (end_lr - base_lr) * progress
+    else:
+      decayed = jnp.full_like(progress, base_lr)
+    return jnp.where(step < warmup_steps, warm, decayed)
+
+  return lr
+
+
+def make_optimizer(
+  *,
+  learning_rate,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  grad_clip: float | None = None,
+  no_decay_mask_fn: Callable | None = None,
+) -> optax.GradientTransformation:
+  """Global-norm gradient clipping followed by AdamW.
+
+  Args:
+    learning_rate: A float or a schedule such as `make_schedule` returns.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's denominator offset.
+    weight_decay: Decoupled weight decay coefficient.
+    grad_clip: Maximum global gradient norm; None or <= 0 disables clipping.
+    no_decay_mask_fn: Maps the params to a tree of bools, True where weight decay applies
+      (e.g. `no_decay_mask`); None decays every parameter.
+
+  Returns:
+    The optax transformation; its state is `(clip_state, adamw_state)` with clipping, else
+    `(adamw_state,)`.
+  """
+  parts = []
+  if grad_clip is not None and grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(grad_clip))
+  parts.append(
+    optax.adamw(
+      learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=no_decay_mask_fn
+    )
+  )
+  return optax.chain(*parts)
+
+
+def param_path(path) -> str:
+  """A pytree key path as `"block_0/attn/kernel"`."""
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+
+
+def no_decay_mask(params, no_decay_patterns: Sequence[str] = NO_DECAY_PATTERNS):
+  """Which parameters receive weight decay.
+
+  Args:
+    params: Parameter pytree.
+    no_decay_patterns: Regexes matched in full against each `/`-joined parameter path; a match
+      exempts the parameter from decay.
+
+  Returns:
+    A tree like `params` of Python bools, True where weight decay applies.
+  """
+  compiled = [re.compile(p) for p in no_decay_patterns]
+
+  def decays(path, _):
+    name = param_path(path)
+    return not any(p.fullmatch(name) for p in compiled)
+
+  return jax.tree.map_with_path(decays, params)
+
+
+def tree_norm(tree) -> jax.Array:
+  """Global l2 norm of every leaf, accumulated in float32."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32))) for x in leaves))
+
+
+def count_params(tree) -> int:
+  """Number of scalars in a tree of arrays or `jax.ShapeDtypeStruct`s."""
+  return sum(
+    math.prod(x.shape if hasattr(x, "shape") else np.shape(x)) for x in jax.tree.leaves(tree)
+  )
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks and measurements
+
+
+class NonFiniteLossError(RuntimeError):
+  """A logged metric was NaN or infinite.
+
+  Attributes:
+    step: Training step at which it happened.
+    names: Names of the non-finite metrics.
+  """
+
+  def __init__(self, step: int, names: Sequence[str], values: Mapping[str, object] | None = None):
+    self.step = int(step)
+    self.names = tuple(names)
+    shown = ", ".join(f"{n}={(values or {}).get(n, 'non-finite')}" for n in self.names)
+    super().__init__(f"non-finite metrics at step {self.step}: {shown}")
+
+
+def check_finite(metrics: Mapping[str, object], step: int) -> None:
+  """Raises if any numeric metric holds NaN or inf.
+
+  Args:
+    metrics: Metric name to value (scalars or arrays; non-numeric values are ignored). JAX
+      arrays are fetched to the host, so call it where the loop synchronises anyway.
+    step: Current training step, reported in the error.
+
+  Raises:
+    NonFiniteLossError: Naming the step and every non-finite metric.
+  """
+  bad, values = [], {}
+  for name, value in metrics.items():
+    if value is None or isinstance(value, str):
+      continue
+    arr = np.asarray(value)
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.integer):
+      continue
+    if not np.all(np.isfinite(arr)):
+      bad.append(name)
+      values[name] = arr.item() if arr.size == 1 else "array with non-finite entries"
+  if bad:
+    raise NonFiniteLossError(step, bad, values)
+
+
+def periodic(step: int, every: int | None) -> bool:
+  """Whether a periodic action is due at `step`, steps counted from 1.
+
+  Args:
+    step: The step that has just finished (1 for the first).
+    every: Period in steps; None or <= 0 never fires.
+  """
+  if not every or every <= 0 or step <= 0:
+    return False
+  return step % every == 0
+
+
+class StepTimer:
+  """Seconds per training step, leaving out the first step (which includes compilation).
+
+  Call `tick()` after each step once its results are on the host (for example after
+  `jax.device_get` of the metrics); with asynchronous dispatch, earlier ticks would time the
+  dispatch rather than the step. Call `skip()` after a pause such as evaluation or saving, so
+  the next step does not count the pause.
+  """
+
+  def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    self._clock = clock
+    self._ref: float | None = None
+    self._seconds = 0.0
+    self._steps = 0
+
+  def tick(self) -> None:
+    """Marks the end of one training step."""
+    now = self._clock()
+    if self._ref is not None:
+      self._seconds += now - self._ref
+      self._steps += 1
+    self._ref = now
+
+  def skip(self) -> None:
+    """Excludes the time since the last tick from the measurement."""
+    if self._ref is not None:
+      self._ref = self._clock()
+
+  @property
+  def steps(self) -> int:
+    """Steps measured so far."""
+    return self._steps
+
+  def seconds_per_step(self) -> float | None:
+    """Mean seconds over the measured steps, or None before the second tick."""
+    return self._seconds / self._steps if self._steps else None
+
+
+class Progress:
+  """A tqdm progress bar over training steps, shown only by process 0 on a terminal."""
+
+  def __init__(
+    self,
+    total: int,
+    *,
+    initial: int = 0,
+    desc: str | None = None,
+    enabled: bool | None = None,
+    stream=None,
+  ):
+    """Creates the bar.
+
+    Args:
+      total: Last step.
+      initial: Step the run starts from (a resumed job).
+      desc: Label in front of the bar.
+      enabled: Force the bar on or off; None shows it on process 0 when `stream` is a tty.
+      stream: Where to draw; stderr by default.
+    """
+    stream = sys.stderr if stream is None else stream
+    if enabled is None:
+      enabled = _is_chief() and hasattr(stream, "isatty") and stream.isatty()
+    self.enabled = bool(enabled)
+    self._step = int(initial)
+    self._bar = tqdm.tqdm(
+      total=total,
+      initial=initial,
+      desc=desc,
+      file=stream,
+      disable=not self.enabled,
+      dynamic_ncols=True,
+    )
+
+  def __enter__(self) -> Progress:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def update(self, step: int, **postfix) -> None:
+    """Moves the bar to `step` and shows `postfix` values (numbers to 4 significant digits)."""
+    step = int(step)
+    if not self.enabled:
+      self._step = step
+      return
+    if postfix:
+      shown = {
+        k: f"{float(v):.4g}" if isinstance(v, int | float | np.generic | jax.Array) else v
+        for k, v in postfix.items()
+      }
+      self._bar.set_postfix(shown, refresh=False)
+    self._bar.update(step - self._step)
+    self._step = step
+
+  def close(self) -> None:
+    self._bar.close()
