@@ -262,11 +262,11 @@ class FastmriBrainMultiscale(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     kwargs = preprocessing_kwargs(cfg)
     cache.mkdir(parents=True, exist_ok=True)
-    todo = [
+    pending = [
       p for p in files if not _cache_path(cache, p).exists() and not _skip_path(cache, p).exists()
     ]
-    if todo:
-      _preprocess_all(todo, cache, kwargs, cfg.num_workers)
+    if pending:
+      _preprocess_all(pending, cache, kwargs, cfg.num_workers)
     for path in files:
       skip = _skip_path(cache, path)
       if skip.exists():

@@ -184,7 +184,10 @@ class TrainLoader:
     )
     sharding.per_process_batch(global_batch_size, mesh)
     self._levels_fn = make_levels_fn(mesh, single_coil) if compute_levels else None
-    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads))
+    # One thread prefetches whole batches; `num_threads` decode records inside a batch. Record
+    # reads and numpy work release the GIL, so threads scale on the host's cores.
+    self._pool = concurrent.futures.ThreadPoolExecutor(1)
+    self._workers = concurrent.futures.ThreadPoolExecutor(max(1, num_threads))
     self._prefetch = max(1, prefetch)
     self._pending: dict[int, concurrent.futures.Future] = {}
 
@@ -206,10 +209,9 @@ class TrainLoader:
 
   def host_batch(self, step: int) -> dict:
     """This process's rows of global step `step` as numpy arrays."""
-    rows = [
-      self._example(i, p)
-      for i, p in zip(self.sampler.indices(step), self.sampler.positions(step), strict=True)
-    ]
+    rows = list(
+      self._workers.map(self._example, self.sampler.indices(step), self.sampler.positions(step))
+    )
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     batch["acc_index"] = _acc_index(len(rows))
     return batch
@@ -232,6 +234,7 @@ class TrainLoader:
 
   def close(self):
     self._pool.shutdown(wait=False, cancel_futures=True)
+    self._workers.shutdown(wait=False, cancel_futures=True)
 
 
 class EvalLoader:
