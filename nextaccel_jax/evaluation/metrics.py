@@ -19,6 +19,9 @@ Protocols (decisions.md §7 reports both):
   volume. A slice is treated as a one-slice volume. fastMRI first centre-crops both volumes to
   `(W, W)` with W the target width; that crop is left to the caller (the model grid is 256×256).
 
+LPIPS (fastmri_spec.md §2.4) needs a JAX network, runs in float32 and lives in `lpips_metric`;
+`evaluate_slices(..., lpips=...)` adds it to the other scores.
+
 The numbers equal scikit-image's but come from scipy.ndimage directly, one pass of separable
 filters per slice. Everything is evaluated in float64. scikit-image keeps float32 inputs in
 float32, and the author's code casts to float32 before calling it, so values computed that way
@@ -291,26 +294,56 @@ def nmse(gt, pred, protocol: str = "paper") -> float | np.ndarray:
   return _single_metric(gt, pred, protocol, "nmse")
 
 
-def evaluate_slices(gt_SHW, pred_SHW, protocol: str = "paper") -> dict[str, np.ndarray | float]:
-  """PSNR, SSIM and NMSE of a volume under one protocol, validating and normalising only once.
+def _lpips_nets(lpips) -> tuple[str, ...]:
+  """The `lpips` argument of `evaluate_slices` as a tuple of net names."""
+  if lpips is False or lpips is None:
+    return ()
+  if lpips is True:
+    return ("alex",)
+  nets = (lpips,) if isinstance(lpips, str) else tuple(lpips)
+  for net in nets:
+    if net not in ("alex", "vgg"):
+      raise ValueError(f"lpips nets must be 'alex' or 'vgg', got {net!r}")
+  return nets
+
+
+def evaluate_slices(
+  gt_SHW, pred_SHW, protocol: str = "paper", lpips=False
+) -> dict[str, np.ndarray | float]:
+  """PSNR, SSIM and NMSE (and optionally LPIPS) of a volume under one protocol, validating and
+  normalising only once.
 
   Args:
     gt_SHW: Target magnitudes `[S, H, W]`; a `[H, W]` slice counts as a one-slice volume.
     pred_SHW: Reconstructed magnitudes, same shape.
     protocol: One of `PROTOCOLS`.
+    lpips: False (default), True for LPIPS-alex, or a net name or sequence of names from
+      ("alex", "vgg"). Each adds a key `lpips_<net>` computed by `lpips_metric.lpips`; this runs
+      a JAX network, while the other metrics stay in numpy.
 
   Returns:
-    `{"psnr", "ssim", "nmse"}`: float64 arrays `[S]` under `paper` (also for a single slice, so
-    rows go straight into a per-slice table), floats under `fastmri`.
+    `{"psnr", "ssim", "nmse"}` plus `lpips_<net>` keys: float64 arrays `[S]` under `paper` (also
+    for a single slice, so rows go straight into a per-slice table), floats under `fastmri`
+    (for LPIPS the mean over slices, as fastMRI averages SSIM).
 
   Raises:
-    ValueError: As for `psnr`, `ssim` and `nmse`.
+    ValueError: As for `psnr`, `ssim` and `nmse`, and for an unknown LPIPS net.
   """
+  nets = _lpips_nets(lpips)
   gt, pred, _ = _prepare(gt_SHW, pred_SHW, protocol, with_ssim=True)
   names = ("psnr", "ssim", "nmse")
   if protocol == "fastmri":
-    return _fastmri_scores(gt, pred, names)
-  return _paper_scores(gt, pred, names)
+    scores = _fastmri_scores(gt, pred, names)
+  else:
+    scores = _paper_scores(gt, pred, names)
+  if nets:
+    # Imported here so the numpy metrics do not pull in JAX and the network.
+    from nextaccel_jax.evaluation import lpips_metric
+
+    for net in nets:
+      values = lpips_metric.lpips_prepared(gt, pred, protocol, net, lpips_metric.DEFAULT_BATCH_SIZE)
+      scores[f"lpips_{net}"] = float(values.mean()) if protocol == "fastmri" else values
+  return scores
 
 
 def summarize(values) -> tuple[float, float]:

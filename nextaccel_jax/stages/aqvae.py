@@ -2,20 +2,23 @@
 
   python -m nextaccel_jax.main --config=configs/aqvae.py:demo --workdir=runs/aqvae
 
-Objective (paper Eq. 3, the terms this stage owns): `w_ssim·(1 − SSIM(|x̂|, |x_FS|)) + β·commitment`.
-Further terms (perceptual, adversarial) plug in through `LOSS_TERMS`: each is a pure function of the
-reconstruction, target and model aux returning `(loss, metrics)`, enabled by a non-zero weight in
-`config.loss`.
+Objective (paper Eq. 3): `w_ssim·(1 − SSIM) + w_lpips·LPIPS-alex + w_adv·LSGAN_G + β·commitment`
+on magnitude images, with the projected discriminator (frozen BiomedCLIP tower + heads) trained
+by its own AdamW in the same jitted step. Terms live in `LOSS_TERMS`: each is a pure function of
+a `LossInputs` returning `(loss, metrics)`, enabled by a non-zero weight in `config.loss`.
 
-The state is one pytree (`TrainState`) replicated over a `("data",)` mesh; batches are sharded
-along it. `train_step` is a single `jax.jit` with explicit shardings and the state donated. The
-EMA codebook (`vq_ema`) is updated inside the step from global batch statistics. Resume order,
-written in `train_and_evaluate`: (1) the workdir's latest checkpoint, (2) `config.init_from`
-(params and codebook of a converted VAR VQ-VAE or another stage-1 run), (3) scratch.
+The state is one pytree (`TrainState`: generator, codebook and discriminator heads) replicated over
+a `("data",)` mesh; batches are sharded along it. Frozen networks (LPIPS, the BiomedCLIP tower) are
+a separate replicated argument, so checkpoints hold only what training changes. `train_step` is a
+single `jax.jit` with explicit shardings and the state donated. The EMA codebook (`vq_ema`) is
+updated inside the step from global batch statistics. Resume order, written in
+`train_and_evaluate`: (1) the workdir's latest checkpoint, (2) `config.init_from` (params and
+codebook of a converted VAR VQ-VAE or another stage-1 run), (3) scratch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -31,8 +34,9 @@ from absl import logging
 
 from nextaccel_jax import checkpointing, losses, sharding
 from nextaccel_jax.data import pipeline, prepare
+from nextaccel_jax.evaluation import lpips_metric
 from nextaccel_jax.evaluation import metrics as np_metrics
-from nextaccel_jax.models import aqvae
+from nextaccel_jax.models import aqvae, biomedclip, discriminator, lpips
 from nextaccel_jax.stages import common
 
 NUM_LEVELS = aqvae.NUM_LEVELS
@@ -44,55 +48,94 @@ class TrainState:
   params: dict
   opt_state: optax.OptState
   vq_ema: dict
+  # Discriminator heads, their optimizer and spectral-norm vectors ({} when adversarial is off).
+  disc_params: dict
+  disc_opt_state: optax.OptState
+  disc_spectral: dict
 
 
 # ------------------------------------------------------------------------------------------------
 # Loss terms
 
 
-def _ssim_term(x_hat_BHW2, target_BHW2, aux, params):
-  del aux, params
-  loss = losses.ssim_loss(losses.magnitude(x_hat_BHW2), losses.magnitude(target_BHW2))
+@dataclasses.dataclass(frozen=True)
+class LossInputs:
+  """What a loss term may look at: the reconstruction, its target and the frozen networks."""
+
+  x_hat_BHW2: jax.Array
+  target_BHW2: jax.Array
+  mag_hat_BHW: jax.Array
+  mag_BHW: jax.Array
+  aux: dict
+  frozen: dict
+  # mag_hat -> discriminator logits with the current heads (None without a discriminator).
+  disc_logits: Callable | None
+  lpips_net: str
+  gan_reduce: str
+
+
+def _ssim_term(inp: LossInputs):
+  loss = losses.ssim_loss(inp.mag_hat_BHW, inp.mag_BHW)
   return loss, {"ssim_loss": loss}
 
 
-def _l1_term(x_hat_BHW2, target_BHW2, aux, params):
-  del aux, params
-  loss = losses.l1_magnitude(x_hat_BHW2, target_BHW2)
+def _l1_term(inp: LossInputs):
+  loss = losses.l1_magnitude(inp.x_hat_BHW2, inp.target_BHW2)
   return loss, {"l1_loss": loss}
 
 
-def _commitment_term(x_hat_BHW2, target_BHW2, aux, params):
-  del x_hat_BHW2, target_BHW2, params
+def _commitment_term(inp: LossInputs):
   # The quantizer already multiplies by β; the config weight scales on top of that (1.0 by default).
-  return aux["commitment"], {"commitment": aux["commitment"]}
+  return inp.aux["commitment"], {"commitment": inp.aux["commitment"]}
 
 
-# name -> fn(x_hat, target, aux, params) -> (scalar loss, metrics). Weights come from config.loss.
+def _lpips_term(inp: LossInputs):
+  dist_B = lpips.lpips_distance(
+    inp.mag_hat_BHW, inp.mag_BHW, inp.frozen["lpips"], inp.lpips_net, scaling="target"
+  )
+  loss = jnp.mean(dist_B)
+  return loss, {"lpips_loss": loss}
+
+
+def _adversarial_term(inp: LossInputs):
+  if inp.disc_logits is None:
+    raise ValueError("config.loss.adversarial > 0 needs a discriminator (config.disc)")
+  loss = losses.lsgan_g_loss(inp.disc_logits(inp.mag_hat_BHW), inp.gan_reduce)
+  return loss, {"g_adv_loss": loss}
+
+
+# name -> fn(LossInputs) -> (scalar loss, metrics). Weights come from config.loss.
 LOSS_TERMS: dict[str, Callable] = {
   "ssim": _ssim_term,
   "l1": _l1_term,
   "commitment": _commitment_term,
+  "lpips": _lpips_term,
+  "adversarial": _adversarial_term,
 }
 
 
-def total_loss(x_hat, target, aux, params, weights: dict):
+def total_loss(inp: LossInputs, weights: dict):
   """Weighted sum of the enabled loss terms and their metrics."""
   loss = jnp.zeros((), jnp.float32)
   out = {}
   for name, weight in weights.items():
-    if not weight:
+    # Weights are Python numbers, or traced when gated by the step (the adversarial warm-up).
+    if isinstance(weight, int | float) and not weight:
       continue
     if name not in LOSS_TERMS:
       raise ValueError(f"config.loss.{name}: no such loss term; known: {sorted(LOSS_TERMS)}")
-    term, m = LOSS_TERMS[name](x_hat, target, aux, params)
+    term, m = LOSS_TERMS[name](inp)
     loss = loss + weight * term.astype(jnp.float32)
     out.update(m)
   return loss, out
 
 
+def loss_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
+  return {k: float(v) for k, v in config.loss.items()}
+
+
 # ------------------------------------------------------------------------------------------------
-# Model, optimizer, state
+# Model, discriminator, optimizers, state
 
 
 def make_model(config: ml_collections.ConfigDict) -> aqvae.AQVAE:
@@ -100,6 +143,25 @@ def make_model(config: ml_collections.ConfigDict) -> aqvae.AQVAE:
   fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
   fields["param_dtype"] = jnp.float32
   return aqvae.AQVAE(**fields)
+
+
+def uses_discriminator(config: ml_collections.ConfigDict) -> bool:
+  return bool(config.loss.get("adversarial", 0.0))
+
+
+def make_discriminator(config: ml_collections.ConfigDict) -> discriminator.Discriminator | None:
+  """The projected discriminator named by `config.disc.tower` (None when adversarial is off)."""
+  if not uses_discriminator(config):
+    return None
+  d = config.disc
+  return discriminator.Discriminator(
+    **dict(d.tower),
+    kernel_size=d.kernel_size,
+    virtual_batch=d.virtual_batch,
+    augment=d.augment,
+    remat=d.remat,
+    tower_dtype=jnp.dtype(d.tower_dtype),
+  )
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
@@ -122,18 +184,72 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
   return tx, schedule
 
 
-def create_train_state(config, model, tx, mesh, rng):
+def make_disc_optimizer(config: ml_collections.ConfigDict):
+  """The discriminator's AdamW; decay on every head parameter (biomedclip_lpips_spec.md §3.4)."""
+  d = config.disc
+  return common.make_optimizer(
+    learning_rate=d.lr,
+    b1=d.b1,
+    b2=d.b2,
+    weight_decay=d.weight_decay,
+    grad_clip=d.grad_clip,
+    no_decay_mask_fn=None,
+  )
+
+
+def load_frozen(config: ml_collections.ConfigDict, disc, mesh) -> dict:
+  """The frozen networks the loss needs, replicated: `{"lpips": ..., "tower": ...}`.
+
+  The BiomedCLIP tower comes from `config.disc.weights` (open_clip's
+  `open_clip_pytorch_model.bin`, or an `.npz` of its keys); without it a random tower of the
+  configured size is drawn from the seed, so a resumed run sees the same one.
+  """
+  frozen = {"lpips": {}, "tower": {}}
+  if config.loss.get("lpips", 0.0):
+    frozen["lpips"] = lpips.load_pretrained(config.lpips.net)
+  if disc is not None:
+    if config.disc.weights:
+      tower, report = biomedclip.load_weights(config.disc.weights, **dict(config.disc.tower))
+      if report["unfilled_leaves"]:
+        raise ValueError(
+          f"config.disc.weights={config.disc.weights}: tower leaves missing from the file: "
+          f"{report['unfilled_leaves'][:5]}"
+        )
+    else:
+      logging.warning(
+        "config.disc.weights is empty: the discriminator uses a randomly initialised tower, "
+        "not BiomedCLIP (see nextaccel_jax/models/biomedclip.py for the weights)"
+      )
+      rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+      x = jnp.zeros((1, disc.image_size, disc.image_size, 3), jnp.float32)
+      # Jitted: eager init runs every initializer op by op, which is slow at ViT-B size.
+      tower = jax.jit(disc.make_tower().init)(rng, x)["params"]
+    frozen["tower"] = tower
+  return jax.device_put(frozen, sharding.replicated(mesh))
+
+
+def create_train_state(config, model, tx, mesh, rng, disc=None, disc_tx=None, frozen=None):
   """Creates the state already in its (replicated) sharding: `(state, state_sharding)`."""
   size = config.data.image_size
+  tower = (frozen or {}).get("tower") or None
 
   def init(rng):
-    variables = aqvae.init_variables(model, rng, size)
+    rng_g, rng_d = jax.random.split(rng)
+    variables = aqvae.init_variables(model, rng_g, size)
     params = variables["params"]
+    d_params, d_opt, d_sn = {}, {}, {}
+    if disc is not None:
+      d_vars = discriminator.init_variables(disc, rng_d, tower_params=tower)
+      d_params, d_sn = d_vars["params"], d_vars[discriminator.SPECTRAL]
+      d_opt = disc_tx.init(d_params)
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       opt_state=tx.init(params),
       vq_ema=variables["vq_ema"],
+      disc_params=d_params,
+      disc_opt_state=d_opt,
+      disc_spectral=d_sn,
     )
 
   abstract = jax.eval_shape(init, rng)
@@ -150,12 +266,64 @@ def _usage_metrics(aux) -> dict:
   return out
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, weights: dict, seed: int = 0):
-  """One optimisation step on a global batch `{levels [B,6,H,W,2], family [B]}`."""
+def _disc_variables(state: TrainState, frozen: dict, spectral=None) -> dict:
+  return {
+    "params": state.disc_params,
+    discriminator.TOWER: frozen["tower"],
+    discriminator.SPECTRAL: state.disc_spectral if spectral is None else spectral,
+  }
+
+
+def train_step(
+  state: TrainState,
+  batch: dict,
+  frozen: dict,
+  *,
+  model,
+  tx,
+  weights: dict,
+  disc=None,
+  disc_tx=None,
+  lpips_net: str = "alex",
+  gan_reduce: str = "tokens",
+  adv_start_step: int = 0,
+  seed: int = 0,
+):
+  """One optimisation step of the generator (and the discriminator, when there is one).
+
+  Args:
+    state: The train state (donated by the jitted caller).
+    batch: A global batch `{levels [B,6,H,W,2], family [B]}`.
+    frozen: `load_frozen`'s frozen networks.
+    model, tx: The AQ-VAE and its optimizer.
+    weights: Loss weights by term name (`config.loss`).
+    disc, disc_tx: The discriminator and its optimizer (None: no adversarial term).
+    lpips_net, gan_reduce: LPIPS backbone and LSGAN reduction (`config.lpips`, `config.disc`).
+    adv_start_step: The generator's adversarial term is off before this step (D still learns).
+    seed: Base of the per-step randomness, a pure function of (seed, step) so resuming is exact.
+  """
   levels, family = batch["levels"], batch["family"]
   target = levels[:, -1]
-  # Per-step randomness (dead-code re-seeding) is a pure function of (seed, step): resumable.
+  mag = losses.magnitude(target)
+  # One normaliser per image, from the target, for real and fake alike (spec §3.5).
+  scale_B = jax.lax.stop_gradient(jnp.max(mag, axis=(1, 2)))
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
+  rng_vq, rng_aug_g, rng_aug_d = jax.random.split(rng, 3)
+  weights = dict(weights)
+  adv_on = (state.step >= adv_start_step).astype(jnp.float32)
+
+  disc_logits = None
+  if disc is not None:
+
+    def disc_logits(mag_hat_BHW):
+      logits, _ = disc.apply(
+        _disc_variables(state, frozen),
+        mag_hat_BHW,
+        scale_B,
+        train=False,
+        rngs={"augment": rng_aug_g},
+      )
+      return logits
 
   def loss_fn(params):
     (x_hat, aux), new_vars = model.apply(
@@ -165,28 +333,91 @@ def train_step(state: TrainState, batch: dict, *, model, tx, weights: dict, seed
       None,
       train=True,
       mutable=["vq_ema"],
-      rngs={"vq": rng},
+      rngs={"vq": rng_vq},
     )
-    loss, terms = total_loss(x_hat, target, aux, params, weights)
-    return loss, (terms, aux, new_vars["vq_ema"], x_hat)
+    inp = LossInputs(
+      x_hat_BHW2=x_hat,
+      target_BHW2=target,
+      mag_hat_BHW=losses.magnitude(x_hat),
+      mag_BHW=mag,
+      aux=aux,
+      frozen=frozen,
+      disc_logits=disc_logits,
+      lpips_net=lpips_net,
+      gan_reduce=gan_reduce,
+    )
+    w = dict(weights)
+    if w.get("adversarial"):
+      w["adversarial"] = w["adversarial"] * adv_on
+    loss, terms = total_loss(inp, w)
+    return loss, (terms, aux, new_vars["vq_ema"], inp.mag_hat_BHW)
 
-  (loss, (terms, aux, vq_ema, x_hat)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+  (loss, (terms, aux, vq_ema, mag_hat)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
     state.params
   )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  mag_hat, mag = losses.magnitude(x_hat), losses.magnitude(target)
   out = {
     "loss": loss,
     **terms,
-    "ssim": jnp.mean(losses.ssim(mag_hat, mag, jnp.max(mag, axis=(1, 2)))),
+    "ssim": jnp.mean(losses.ssim(mag_hat, mag, scale_B)),
     "grad_norm": common.tree_norm(grads),
     "param_norm": common.tree_norm(params),
     "update_norm": common.tree_norm(updates),
     "restarted_codes": aux["restarted_codes"],
     **_usage_metrics(aux),
   }
-  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, vq_ema=vq_ema)
+
+  d_params, d_opt, d_sn = state.disc_params, state.disc_opt_state, state.disc_spectral
+  if disc is not None:
+    fake = jax.lax.stop_gradient(mag_hat)
+
+    def d_loss_fn(d_params):
+      # Real and fake are separate calls (per-call batch statistics), threading u, v through.
+      variables = _disc_variables(state, frozen)
+      variables["params"] = d_params
+      (real_BT, _), upd = disc.apply(
+        variables,
+        mag,
+        scale_B,
+        train=True,
+        mutable=[discriminator.SPECTRAL],
+        rngs={"augment": rng_aug_d},
+      )
+      variables[discriminator.SPECTRAL] = upd[discriminator.SPECTRAL]
+      (fake_BT, _), upd = disc.apply(
+        variables,
+        fake,
+        scale_B,
+        train=True,
+        mutable=[discriminator.SPECTRAL],
+        rngs={"augment": jax.random.fold_in(rng_aug_d, 1)},
+      )
+      d_loss = losses.lsgan_d_loss(real_BT, fake_BT, gan_reduce)
+      return d_loss, (upd[discriminator.SPECTRAL], jnp.mean(real_BT), jnp.mean(fake_BT))
+
+    (d_loss, (d_sn, real_score, fake_score)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
+      d_params
+    )
+    d_updates, d_opt = disc_tx.update(d_grads, d_opt, d_params)
+    d_params = optax.apply_updates(d_params, d_updates)
+    out.update(
+      d_loss=d_loss,
+      d_real=real_score,
+      d_fake=fake_score,
+      d_grad_norm=common.tree_norm(d_grads),
+      adv_on=adv_on,
+    )
+
+  new_state = TrainState(
+    step=state.step + 1,
+    params=params,
+    opt_state=opt_state,
+    vq_ema=vq_ema,
+    disc_params=d_params,
+    disc_opt_state=d_opt,
+    disc_spectral=d_sn,
+  )
   return new_state, out
 
 
@@ -207,14 +438,27 @@ def eval_step(state: TrainState, batch: dict, *, model):
   }
 
 
-def jit_steps(config, model, tx, mesh, state_sharding):
-  """The jitted train and eval steps with explicit shardings (the state is donated)."""
+def jit_steps(config, model, tx, mesh, state_sharding, disc=None, disc_tx=None):
+  """The jitted train and eval steps with explicit shardings (the state is donated).
+
+  The train step is `(state, batch, frozen) -> (state, metrics)`.
+  """
   data = sharding.data_sharding(mesh)
   repl = sharding.replicated(mesh)
-  weights = {k: float(v) for k, v in config.loss.items()}
   train = jax.jit(
-    functools.partial(train_step, model=model, tx=tx, weights=weights, seed=config.seed),
-    in_shardings=(state_sharding, data),
+    functools.partial(
+      train_step,
+      model=model,
+      tx=tx,
+      weights=loss_weights(config),
+      disc=disc,
+      disc_tx=disc_tx,
+      lpips_net=config.lpips.net,
+      gan_reduce=config.disc.reduce,
+      adv_start_step=config.disc.start_step,
+      seed=config.seed,
+    ),
+    in_shardings=(state_sharding, data, repl),
     out_shardings=(state_sharding, repl),
     donate_argnums=0,
   )
@@ -230,9 +474,12 @@ def jit_steps(config, model, tx, mesh, state_sharding):
 # Evaluation
 
 
-def evaluate(eval_fn, state, loader: pipeline.EvalLoader, protocol: str = "paper") -> dict:
-  """Mean SSIM/PSNR (numpy, canonical metrics) over a fixed pass of the eval split."""
-  scores = {k: {"ssim": [], "psnr": []} for k in ("recon_all", "recon_r32", "zero_filled")}
+def evaluate(
+  eval_fn, state, loader: pipeline.EvalLoader, protocol: str = "paper", lpips_nets=("alex",)
+) -> dict:
+  """Mean SSIM/PSNR (and LPIPS per net) over a fixed pass of the eval split (numpy metrics)."""
+  names = ["ssim", "psnr"] + [f"lpips_{n}" for n in lpips_nets]
+  scores = {k: {m: [] for m in names} for k in ("recon_all", "recon_r32", "zero_filled")}
   for batch in loader:
     out = jax.tree.map(np.asarray, eval_fn(state, batch))
     valid = np.asarray(batch["valid"])
@@ -241,6 +488,8 @@ def evaluate(eval_fn, state, loader: pipeline.EvalLoader, protocol: str = "paper
       pred = out[key][valid]
       s["ssim"].extend(np.atleast_1d(np_metrics.ssim(gt, pred, protocol=protocol)))
       s["psnr"].extend(np.atleast_1d(np_metrics.psnr(gt, pred, protocol=protocol)))
+      for n in lpips_nets:
+        s[f"lpips_{n}"].extend(lpips_metric.lpips(gt, pred, protocol=protocol, net=n))
   return {f"{key}/{m}": float(np.mean(v)) for key, s in scores.items() for m, v in s.items()}
 
 
@@ -280,9 +529,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
   model = make_model(config)
   tx, schedule = make_optimizer(config, total_steps)
+  disc = make_discriminator(config)
+  disc_tx = make_disc_optimizer(config) if disc is not None else None
+  frozen = load_frozen(config, disc, mesh)
   rng = jax.random.key(config.seed)
-  state, state_sharding = create_train_state(config, model, tx, mesh, rng)
-  train_fn, eval_fn = jit_steps(config, model, tx, mesh, state_sharding)
+  state, state_sharding = create_train_state(config, model, tx, mesh, rng, disc, disc_tx, frozen)
+  train_fn, eval_fn = jit_steps(config, model, tx, mesh, state_sharding, disc, disc_tx)
 
   ckpt = checkpointing.Checkpointer(
     workdir,
@@ -305,8 +557,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = common.MetricWriter(workdir)
   writer.write_config(config)
   logging.info(
-    "AQ-VAE: %d params, %d steps (%d per epoch), batch %d on %d devices",
+    "AQ-VAE: %d params (discriminator heads %d), %d steps (%d per epoch), batch %d on %d devices",
     common.count_params(state.params),
+    common.count_params(state.disc_params),
     total_steps,
     steps_per_epoch,
     config.data.batch_size,
@@ -326,41 +579,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh=mesh,
     max_records=config.eval.max_records or None,
   )
-  timer = common.StepTimer()
-  progress = common.Progress(total_steps, initial=start, desc="aqvae")
-  last = {}
   try:
-    # max_steps_per_run lets a time-limited job stop cleanly and resume in the next allocation.
-    stop = total_steps
-    if config.max_steps_per_run:
-      stop = min(total_steps, start + config.max_steps_per_run)
-    for step in range(start + 1, stop + 1):
-      batch = next(loader)
-      state, m = train_fn(state, batch)
-      m = jax.device_get(m)
-      common.check_finite(m, step)
-      timer.tick()
-      if common.periodic(step, config.log_every) or step == total_steps:
-        m = {k: float(v) for k, v in m.items()}
-        m["lr"] = float(schedule(step - 1))
-        m["step_time_s"] = timer.seconds_per_step()
-        m["epoch"] = loader.sampler.epoch(step)
-        writer.write(step, m, split="train")
-        progress.update(step, loss=m["loss"], ssim=m["ssim"])
-      if common.periodic(step, config.ckpt.every) or step in (stop, total_steps):
-        ckpt.save(step, state, meta=meta)
-      if common.periodic(step, config.eval.every) or step == total_steps:
-        last = evaluate(eval_fn, state, val_loader, config.eval.protocol)
-        writer.write(step, last, split="validation")
-        ckpt.save_best(step, state, last["recon_all/ssim"], meta=meta)
-        logging.info("step %d validation %s", step, json.dumps(last))
-  except common.NonFiniteLossError:
-    # The last good checkpoint stays on disk; say where it is before stopping.
-    logging.error("stopping: non-finite loss; last good checkpoint at step %s", ckpt.latest_step())
-    raise
+    state, last = common.train_loop(
+      state=state,
+      train_fn=lambda s, b: train_fn(s, b, frozen),
+      evaluate_fn=lambda s: evaluate(
+        eval_fn, s, val_loader, config.eval.protocol, tuple(config.eval.lpips_nets)
+      ),
+      loader=loader,
+      total_steps=total_steps,
+      schedule=schedule,
+      ckpt=ckpt,
+      writer=writer,
+      meta=meta,
+      best_metric="recon_all/ssim",
+      log_every=config.log_every,
+      eval_every=config.eval.every,
+      ckpt_every=config.ckpt.every,
+      max_steps_per_run=config.max_steps_per_run,
+      desc="aqvae",
+      postfix=("loss", "ssim"),
+    )
   finally:
     loader.close()
-    progress.close()
     ckpt.close()
     writer.close()
   if last:

@@ -408,3 +408,89 @@ class Progress:
 
   def close(self) -> None:
     self._bar.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop every stage runs
+
+
+def train_loop(
+  *,
+  state,
+  train_fn: Callable,
+  evaluate_fn: Callable,
+  loader,
+  total_steps: int,
+  schedule: Callable,
+  ckpt,
+  writer: MetricWriter,
+  meta: dict,
+  best_metric: str,
+  log_every: int,
+  eval_every: int,
+  ckpt_every: int,
+  max_steps_per_run: int = 0,
+  desc: str = "train",
+  postfix: Sequence[str] = ("loss",),
+) -> tuple[object, dict]:
+  """Runs steps `state.step + 1 … total_steps`, logging, evaluating and checkpointing.
+
+  Args:
+    state: The (already restored or initialised) train state; `state.step` is the last step.
+    train_fn: `(state, batch) -> (state, metrics)`, the jitted step.
+    evaluate_fn: `state -> dict of floats`, one validation pass.
+    loader: An iterator of global batches (closed by the caller).
+    total_steps: The schedule's length.
+    schedule: Learning rate as a function of the 0-based step (logged as `lr`).
+    ckpt: A `checkpointing.Checkpointer` with `keep_best`.
+    writer: Where train and validation lines go.
+    meta: JSON saved next to each checkpoint.
+    best_metric: Validation key that picks the best checkpoint (higher is better).
+    log_every, eval_every, ckpt_every: Periods in steps; the last step always does all three.
+    max_steps_per_run: Stop after this many steps (0 = run to the end) so a time-limited job
+      can end cleanly and resume in its next allocation.
+    desc: Progress bar label.
+    postfix: Train metrics shown on the progress bar.
+
+  Returns:
+    `(state, last validation metrics)` (empty when no evaluation ran).
+  """
+  start = int(state.step)
+  stop = total_steps
+  if max_steps_per_run:
+    stop = min(total_steps, start + max_steps_per_run)
+  timer = StepTimer()
+  progress = Progress(total_steps, initial=start, desc=desc)
+  last: dict = {}
+  try:
+    for step in range(start + 1, stop + 1):
+      state, m = train_fn(state, next(loader))
+      m = jax.device_get(m)
+      check_finite(m, step)
+      timer.tick()
+      if periodic(step, log_every) or step == total_steps:
+        m = {k: float(v) for k, v in m.items()}
+        m["lr"] = float(schedule(step - 1))
+        m["step_time_s"] = timer.seconds_per_step()
+        if hasattr(loader, "sampler"):
+          m["epoch"] = loader.sampler.epoch(step)
+        writer.write(step, m, split="train")
+        progress.update(step, **{k: m[k] for k in postfix if k in m})
+      if periodic(step, ckpt_every) or step in (stop, total_steps):
+        ckpt.save(step, state, meta=meta)
+        timer.skip()
+      if periodic(step, eval_every) or step == total_steps:
+        last = evaluate_fn(state)
+        writer.write(step, last, split="validation")
+        ckpt.save_best(step, state, last[best_metric], meta=meta)
+        timer.skip()
+  except NonFiniteLossError:
+    # The last good checkpoint stays on disk; say where it is before stopping.
+    print(
+      f"stopping: non-finite loss; last good checkpoint at step {ckpt.latest_step()}",
+      file=sys.stderr,
+    )
+    raise
+  finally:
+    progress.close()
+  return state, last

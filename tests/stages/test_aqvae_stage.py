@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import aqvae as aqvae_config
-from nextaccel_jax import checkpointing
+from nextaccel_jax import checkpointing, sharding
 from nextaccel_jax.data import build, pipeline
 from nextaccel_jax.stages import aqvae, common
 
@@ -32,9 +32,22 @@ def _config(data_dir, **overrides):
   return config
 
 
-def _train_losses(workdir):
+def _train_losses(workdir, key="loss"):
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return {r["step"]: r["loss"] for r in lines if r.get("split") == "train"}
+  return {r["step"]: r[key] for r in lines if r.get("split") == "train"}
+
+
+def _state(config, seed=0):
+  mesh = sharding.make_mesh()
+  model = aqvae.make_model(config)
+  tx, _ = aqvae.make_optimizer(config, 4)
+  disc = aqvae.make_discriminator(config)
+  disc_tx = aqvae.make_disc_optimizer(config) if disc is not None else None
+  frozen = aqvae.load_frozen(config, disc, mesh)
+  state, state_sharding = aqvae.create_train_state(
+    config, model, tx, mesh, jax.random.key(seed), disc, disc_tx, frozen
+  )
+  return mesh, model, tx, disc, disc_tx, frozen, state, state_sharding
 
 
 def test_smoke_run_trains_evaluates_and_checkpoints(data_dir, tmp_path):
@@ -60,8 +73,15 @@ def test_smoke_run_trains_evaluates_and_checkpoints(data_dir, tmp_path):
     "perplexity/scale_5",
     "lr",
     "step_time_s",
+    "lpips_loss",
+    "g_adv_loss",
+    "d_loss",
+    "d_real",
+    "d_fake",
   ):
     assert key in train[-1], key
+  for key in ("recon_all/lpips_alex", "zero_filled/lpips_alex"):
+    assert np.isfinite(final[key]), key
   assert (tmp_path / "config.json").exists()
 
 
@@ -72,10 +92,13 @@ def test_resume_gives_identical_losses(data_dir, tmp_path):
   aqvae.train_and_evaluate(_config(data_dir, max_steps_per_run=2), split)
   assert checkpointing.Checkpointer(split).latest_step() == 2
   aqvae.train_and_evaluate(_config(data_dir, max_steps_per_run=2), split)
-  a, b = _train_losses(straight), _train_losses(split)
-  assert sorted(b) == [1, 2, 3, 4]
-  for step in (3, 4):
-    assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
+  assert sorted(_train_losses(split)) == [1, 2, 3, 4]
+  # The discriminator's loss continuing identically shows its heads, optimizer and spectral
+  # vectors were restored along with the generator.
+  for key in ("loss", "d_loss", "d_fake"):
+    a, b = _train_losses(straight, key), _train_losses(split, key)
+    for step in (3, 4):
+      assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (key, step)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
@@ -98,12 +121,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
 
 def test_init_from_converted_variables(data_dir, tmp_path):
   config = _config(data_dir)
-  model = aqvae.make_model(config)
-  tx, _ = aqvae.make_optimizer(config, 4)
-  from nextaccel_jax import sharding
-
-  mesh = sharding.make_mesh()
-  state, _ = aqvae.create_train_state(config, model, tx, mesh, jax.random.key(7))
+  state = _state(config, seed=7)[-2]
   variables = {"params": jax.device_get(state.params), "vq_ema": jax.device_get(state.vq_ema)}
   from nextaccel_jax.models import convert_var
 
@@ -122,6 +140,51 @@ def test_init_from_converted_variables(data_dir, tmp_path):
   assert max(jax.tree.leaves(diff)) < 0.05
 
 
-def test_unknown_loss_term_is_named(data_dir):
+def test_unknown_loss_term_is_named():
+  x = jnp.zeros((1, 8, 8, 2))
+  inp = aqvae.LossInputs(x, x, x[..., 0], x[..., 0], {}, {}, None, "alex", "tokens")
   with pytest.raises(ValueError, match="no such loss term"):
-    aqvae.total_loss(jnp.zeros((1, 8, 8, 2)), jnp.zeros((1, 8, 8, 2)), {}, {}, {"nope": 1.0})
+    aqvae.total_loss(inp, {"nope": 1.0})
+
+
+def test_one_step_updates_generator_and_discriminator_heads(data_dir):
+  config = _config(data_dir)
+  config.disc.start_step = 1
+  mesh, model, tx, disc, disc_tx, frozen, state, state_sharding = _state(config)
+  train_fn, _ = aqvae.jit_steps(config, model, tx, mesh, state_sharding, disc, disc_tx)
+  src = pipeline.load_split("fastmri_brain_multiscale/smoke", "train", data_dir)
+  loader = pipeline.TrainLoader(src, global_batch_size=8, mesh=mesh, seed=0)
+  batch = next(loader)
+  loader.close()
+  before = jax.device_get(state)
+  tower_before = jax.device_get(frozen["tower"])
+  state, m = train_fn(state, batch, frozen)
+  after = jax.device_get(state)
+  # The generator's adversarial term is gated off at step 0 (start_step=1) but D still learns.
+  assert float(m["adv_on"]) == 0.0 and np.isfinite(float(m["g_adv_loss"]))
+  moved = jax.tree.map(
+    lambda a, b: float(np.abs(a - b).max()), before.disc_params, after.disc_params
+  )
+  assert max(jax.tree.leaves(moved)) > 0
+  sn_moved = jax.tree.map(
+    lambda a, b: float(np.abs(a - b).max()), before.disc_spectral, after.disc_spectral
+  )
+  assert max(jax.tree.leaves(sn_moved)) > 0
+  # The tower is a frozen argument, never part of the update.
+  jax.tree.map(np.testing.assert_array_equal, tower_before, jax.device_get(frozen["tower"]))
+  state, m = train_fn(state, batch, frozen)
+  assert float(m["adv_on"]) == 1.0
+
+
+def test_adversarial_off_builds_no_discriminator(data_dir):
+  config = _config(data_dir)
+  config.loss.adversarial = 0.0
+  _, _, _, disc, _, frozen, state, _ = _state(config)
+  assert disc is None and state.disc_params == {} and frozen["tower"] == {}
+
+
+def test_missing_tower_weights_file_is_named(data_dir, tmp_path):
+  config = _config(data_dir)
+  config.disc.weights = str(tmp_path / "missing.npz")
+  with pytest.raises(FileNotFoundError, match="missing.npz"):
+    _state(config)

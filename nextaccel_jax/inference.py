@@ -1,0 +1,326 @@
+"""Autoregressive reconstruction from an R = 32 image: a cached five-step sampler (decisions.md
+§4, var_spec.md §6.7).
+
+Shape legend: B batch, H×W image grid, K = 6 tokenizer scales (k = 0 is Q32), l = pn_k² tokens of
+scale k, V vocabulary, Z codebook channels, h×w = 16² latent grid, Hd heads, L = 990 sequence
+positions, d head width.
+
+Pipeline (one jitted function):
+  1. encode the R = 32 image with the tokenizer (label: acceleration 0, its mask family) and
+     tokenise it at 11² → Q32 (given, never predicted);
+  2. `transformer.prepare`: the context encoder's features and every block's cross-attention
+     keys/values, computed once per sample;
+  3. for k = 1..5: the input of scale k from the running mean of the contributions so far,
+     `transformer.step` (all pn_k² tokens of the scale in parallel; the new self-attention
+     keys/values are written into a static-shape cache with `dynamic_update_slice`), then
+     argmax or sampling (`SamplingConfig`);
+  4. mean of all six scales' contributions → tokenizer decoder → complex image.
+
+Pure functions: `sample_tokens`, `init_cache`, `rollout` (steps 2–3, reused by the distillation
+stage for on-policy rollouts) and `reconstruct`. `Reconstructor` holds the models and their
+variables and jits `reconstruct` once per sampling configuration:
+
+  rec = Reconstructor(tokenizer, tokenizer_variables, transformer, transformer_params)
+  x_hat_BHW2 = rec.reconstruct(x_r32_BHW2, family_B)
+  x_hat_BHW2, aux = rec.reconstruct(x_r32_BHW2, family_B, return_intermediates=True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from nextaccel_jax.models import aqvae as aqvae_lib
+from nextaccel_jax.models import transformer as transformer_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How tokens are chosen from the logits of a scale.
+
+  Attributes:
+    greedy: argmax (the paper's default); the other fields are then ignored.
+    temperature: logits are divided by it before sampling.
+    top_k: keep only the k most likely tokens (0 = all).
+    top_p: keep the smallest set of most likely tokens whose probability reaches top_p
+      (0 or ≥ 1 = all); the most likely token is always kept.
+  """
+
+  greedy: bool = True
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 0.0
+
+
+ARGMAX = SamplingConfig()
+MULTINOMIAL = SamplingConfig(greedy=False)
+
+
+def filter_logits(logits_BlV: jax.Array, top_k: int = 0, top_p: float = 0.0) -> jax.Array:
+  """Sets the logits of tokens outside the top-k / top-p set to −inf (float32)."""
+  logits = logits_BlV.astype(jnp.float32)
+  v = logits.shape[-1]
+  if 0 < top_k < v:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if 0.0 < top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < top_p
+    keep = jnp.zeros_like(keep_sorted)
+    keep = jnp.put_along_axis(keep, order, keep_sorted, axis=-1, inplace=False)
+    logits = jnp.where(keep, logits, -jnp.inf)
+  return logits
+
+
+def sample_tokens(rng: jax.Array | None, logits_BlV: jax.Array, sampling: SamplingConfig):
+  """Token ids `idx_Bl` (int32) by argmax or by sampling the filtered, tempered softmax."""
+  if sampling.greedy:
+    return jnp.argmax(logits_BlV, axis=-1).astype(jnp.int32)
+  if rng is None:
+    raise ValueError("sampling needs an rng")
+  logits = filter_logits(logits_BlV, sampling.top_k, sampling.top_p) / sampling.temperature
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def init_cache(transformer: transformer_lib.NextAccelTransformer, batch: int) -> tuple:
+  """Empty self-attention cache: one `(k_BHLd, v_BHLd)` pair of zeros per block, compute dtype."""
+  shape = (batch, transformer.num_heads, transformer.seq_len, transformer.head_dim)
+  zeros = jnp.zeros(shape, transformer.dtype)
+  return tuple((zeros, zeros) for _ in range(transformer.depth))
+
+
+def _as_variables(tree) -> Mapping[str, Any]:
+  """Accepts `{"params": ...}` (optionally with other collections) or the bare params."""
+  if isinstance(tree, Mapping) and "params" in tree:
+    return tree
+  return {"params": tree}
+
+
+def rollout(
+  transformer: transformer_lib.NextAccelTransformer,
+  transformer_variables,
+  tokenizer: aqvae_lib.AQVAE,
+  tokenizer_variables,
+  idx0_Bl: jax.Array,
+  context_BHW2: jax.Array,
+  family_B: jax.Array,
+  *,
+  sampling: SamplingConfig = ARGMAX,
+  rng: jax.Array | None = None,
+  forced_idx: Sequence[jax.Array] = (),
+  return_logits: bool = False,
+):
+  """Generates scales 1..K−1 from Q32 with the KV cache (no gradient flows anywhere).
+
+  Args:
+    transformer: the model (its input_mode is used).
+    transformer_variables: `{"params": ...}` or the bare params.
+    tokenizer: the stage-1 `AQVAE` (for `lookup`).
+    tokenizer_variables: its `{"params", "vq_ema"}`.
+    idx0_Bl: Q32 token ids (121 per sample).
+    context_BHW2: the context image (the R = 32 image for the student).
+    family_B: mask-family ids.
+    sampling: argmax or sampling settings.
+    rng: PRNG key (only for sampling); scale k uses `fold_in(rng, k)`.
+    forced_idx: ids of scales 1..m to impose instead of the model's choice (a known prefix, e.g.
+      to start from an R = 16 input); the model still runs on them, so the cache stays valid.
+    return_logits: also return the logits of every step.
+
+  Returns:
+    `(idx_list, h_list, aux)`: the K token grids `idx_Bl` (Q32 first), their contributions
+    `h_BhwZ`, and aux with `logits` (list of `logits_BlV`, float32) when asked.
+  """
+  tv = _as_variables(transformer_variables)
+  idx0_Bl = jax.lax.stop_gradient(idx0_Bl)
+  context_BHW2 = jax.lax.stop_gradient(context_BHW2)
+  prepared = transformer.apply(
+    tv, context_BHW2, family_B, method=transformer_lib.NextAccelTransformer.prepare
+  )
+  prepared = jax.lax.stop_gradient(prepared)
+  cache = init_cache(transformer, idx0_Bl.shape[0])
+  idx_list = [idx0_Bl.astype(jnp.int32)]
+  h_list = transformer_lib.lookup_contributions(tokenizer, tokenizer_variables, idx_list)
+  logits_list = []
+  for k in range(1, len(transformer.patch_nums)):
+    x_BlZ = transformer_lib.scale_input(h_list, k, transformer.patch_nums, transformer.input_mode)
+    logits_BlV, cache = transformer.apply(
+      tv, x_BlZ, k, prepared, cache, method=transformer_lib.NextAccelTransformer.step
+    )
+    logits_BlV = jax.lax.stop_gradient(logits_BlV)
+    step_rng = None if rng is None else jax.random.fold_in(rng, k)
+    idx_Bl = sample_tokens(step_rng, logits_BlV, sampling)
+    if k <= len(forced_idx):
+      idx_Bl = jnp.asarray(forced_idx[k - 1], jnp.int32)
+    idx_list.append(idx_Bl)
+    h_list += transformer_lib.lookup_contributions(tokenizer, tokenizer_variables, [idx_Bl], k)
+    if return_logits:
+      logits_list.append(logits_BlV)
+  aux = {"logits": logits_list} if return_logits else {}
+  return idx_list, h_list, aux
+
+
+def reconstruct(
+  tokenizer: aqvae_lib.AQVAE,
+  transformer: transformer_lib.NextAccelTransformer,
+  tokenizer_variables,
+  transformer_variables,
+  x_r32_BHW2: jax.Array,
+  family_B: jax.Array,
+  rng: jax.Array | None = None,
+  *,
+  sampling: SamplingConfig = ARGMAX,
+  return_intermediates: bool = False,
+  context_BHW2: jax.Array | None = None,
+):
+  """R = 32 image → reconstructed complex image `[B, H, W, 2]` (same normalisation as the input).
+
+  Args:
+    tokenizer, transformer: the models (static under jit).
+    tokenizer_variables: `{"params", "vq_ema"}` of the tokenizer.
+    transformer_variables: `{"params": ...}` or the bare params of the transformer.
+    x_r32_BHW2: the normalised R = 32 images `[real, imag]`.
+    family_B: mask-family ids.
+    rng: PRNG key for sampling (unused by argmax).
+    sampling: token selection.
+    return_intermediates: also decode the cumulative mean of scales 0..k for every k.
+    context_BHW2: context image; None uses the R = 32 input (the student's setting).
+
+  Returns:
+    `x_hat_BHW2`, or `(x_hat_BHW2, aux)` with `idx` (K token grids `[B, pn, pn]`), `f_hat`
+    (`[B, h, w, Z]`) and `levels_BKHW2` (image decoded from the mean of the first k + 1 scales;
+    the last equals `x_hat`).
+  """
+  b = x_r32_BHW2.shape[0]
+  family_B = family_B.astype(jnp.int32)
+  f0_BhwZ, _ = tokenizer.apply(
+    tokenizer_variables,
+    x_r32_BHW2,
+    jnp.zeros((b,), jnp.int32),
+    family_B,
+    method=aqvae_lib.AQVAE.encode,
+  )
+  idx0_Bl = tokenizer.apply(tokenizer_variables, f0_BhwZ, 0, method=aqvae_lib.AQVAE.tokenize_scale)
+  context = x_r32_BHW2 if context_BHW2 is None else context_BHW2
+  idx_list, h_list, _ = rollout(
+    transformer,
+    transformer_variables,
+    tokenizer,
+    tokenizer_variables,
+    idx0_Bl,
+    context,
+    family_B,
+    sampling=sampling,
+    rng=rng,
+  )
+  num = len(h_list)
+  if not return_intermediates:
+    f_hat = tokenizer.apply(
+      tokenizer_variables,
+      h_list,
+      jnp.ones((b, num), jnp.float32),
+      method=aqvae_lib.AQVAE.combine,
+    )
+    return tokenizer.apply(tokenizer_variables, f_hat, method=aqvae_lib.AQVAE.decode)
+
+  # Row k activates scales 0..k: the image "the first k + 1 scales" decode to.
+  prefix_KK = jnp.tril(jnp.ones((num, num), jnp.float32))
+  f_list = [
+    tokenizer.apply(
+      tokenizer_variables,
+      h_list,
+      jnp.broadcast_to(prefix_KK[k], (b, num)),
+      method=aqvae_lib.AQVAE.combine,
+    )
+    for k in range(num)
+  ]
+  f_KBhwZ = jnp.stack(f_list)
+  images = tokenizer.apply(
+    tokenizer_variables, f_KBhwZ.reshape(num * b, *f_KBhwZ.shape[2:]), method=aqvae_lib.AQVAE.decode
+  )
+  levels_BKHW2 = images.reshape(num, b, *images.shape[1:]).swapaxes(0, 1)
+  pns = transformer.patch_nums
+  aux = {
+    "idx": [i.reshape(b, pn, pn) for i, pn in zip(idx_list, pns, strict=True)],
+    "f_hat": f_list[-1],
+    "levels_BKHW2": levels_BKHW2,
+  }
+  return levels_BKHW2[:, -1], aux
+
+
+class Reconstructor:
+  """R = 32 → FS reconstruction with a trained tokenizer and transformer.
+
+  Holds the two models and their variables; `reconstruct` runs the whole pipeline as one jitted
+  function, compiled once per (input shape, sampling config, intermediates flag).
+
+  Args:
+    tokenizer_model: the stage-1 `AQVAE`.
+    tokenizer_variables: its `{"params", "vq_ema"}`.
+    transformer_model: the stage-2/3 `NextAccelTransformer` (normally the student).
+    transformer_params: its params (bare or as `{"params": ...}`).
+    sampling: default token selection (argmax).
+  """
+
+  def __init__(
+    self,
+    tokenizer_model: aqvae_lib.AQVAE,
+    tokenizer_variables,
+    transformer_model: transformer_lib.NextAccelTransformer,
+    transformer_params,
+    sampling: SamplingConfig = ARGMAX,
+  ):
+    self.tokenizer = tokenizer_model
+    self.tokenizer_variables = tokenizer_variables
+    self.transformer = transformer_model
+    self.transformer_variables = _as_variables(transformer_params)
+    self.sampling = sampling
+    self._fn = jax.jit(
+      functools.partial(reconstruct, tokenizer_model, transformer_model),
+      static_argnames=("sampling", "return_intermediates"),
+    )
+
+  def reconstruct(
+    self,
+    x_r32_BHW2: jax.Array,
+    family_B: jax.Array,
+    *,
+    rng: jax.Array | None = None,
+    return_intermediates: bool = False,
+    sampling: SamplingConfig | None = None,
+  ):
+    """See `reconstruct` (the module function); `sampling` overrides the default."""
+    sampling = self.sampling if sampling is None else sampling
+    if not sampling.greedy and rng is None:
+      raise ValueError("sampling needs an rng")
+    return self._fn(
+      self.tokenizer_variables,
+      self.transformer_variables,
+      jnp.asarray(x_r32_BHW2, jnp.float32),
+      jnp.asarray(family_B, jnp.int32),
+      rng,
+      sampling=sampling,
+      return_intermediates=return_intermediates,
+    )
+
+  __call__ = reconstruct
+
+
+__all__: Sequence[str] = (
+  "ARGMAX",
+  "MULTINOMIAL",
+  "Reconstructor",
+  "SamplingConfig",
+  "filter_logits",
+  "init_cache",
+  "reconstruct",
+  "rollout",
+  "sample_tokens",
+)

@@ -1,0 +1,268 @@
+"""Cached autoregressive inference: sampling filters, cached == uncached, teacher-forced argmax ==
+AR argmax, forced prefixes, and a memorised example reproduced end to end."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from nextaccel_jax import inference as I
+from nextaccel_jax.models import aqvae
+from nextaccel_jax.models import transformer as T
+
+TOKENIZER = dict(
+  ch=16, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=8, vocab_size=64, norm_groups=8
+)
+# Both blocks attend to 16² context (256 tokens): the 64² level costs most of a CPU step.
+TINY = dict(depth=2, width=64, num_heads=4, context_map=(0, 1))
+IMAGE = aqvae.min_image_size(TOKENIZER["ch_mult"])  # 64² → 16² latent
+B = 2
+
+
+def key(seed: int) -> jax.Array:
+  # RBG keys: compiling threefry for every initializer dominates the test time on CPU.
+  return jax.random.key(seed, impl="unsafe_rbg")
+
+
+def random_tokenizer_variables(model: aqvae.AQVAE, seed: int = 0):
+  """Tokenizer variables filled from numpy (its init is tested elsewhere; compiling it would
+  dominate the run time). Codes are unit-scale so the tokens vary."""
+  levels = jnp.zeros((1, 6, IMAGE, IMAGE, 2))
+  shapes = jax.eval_shape(
+    lambda: model.init(key(0), levels, jnp.zeros((1,), jnp.int32), train=False)
+  )
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    name, last = jax.tree_util.keystr(path), path[-1].key
+    if "film" in name or last in ("bias", "cluster_size"):
+      return np.zeros(s.shape, np.float32) + (last == "cluster_size")
+    if last == "scale":
+      return np.ones(s.shape, np.float32)
+    fan_in = math.prod(s.shape[:-1]) if last == "kernel" else 1
+    return (rng.standard_normal(s.shape) / math.sqrt(fan_in)).astype(np.float32)
+
+  variables = jax.tree.map_with_path(fill, shapes)
+  variables["vq_ema"]["quantize"]["embed_avg"] = variables["vq_ema"]["quantize"]["embed"]
+  return jax.tree.map(jnp.asarray, variables)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+  """XLA without its expensive optimisation passes: these tiny models spend far longer in the
+  compiler than running, so compile time is what this file's run time is made of."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module")
+def tok():
+  model = aqvae.AQVAE(label_features=16, **TOKENIZER)
+  return model, random_tokenizer_variables(model)
+
+
+@pytest.fixture(scope="module")
+def tiny(tok):
+  model = T.NextAccelTransformer(**TINY, **T.context_encoder_fields(tok[0]))
+  return model, T.init_params(model, key(1), IMAGE)
+
+
+@pytest.fixture(scope="module")
+def forward(tiny):
+  return jax.jit(tiny[0].apply)
+
+
+@pytest.fixture(scope="module")
+def data():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((B, IMAGE, IMAGE, 2)).astype(np.float32) * 0.3)
+  return {"x": x, "family": jnp.array([1, 2])}
+
+
+@pytest.fixture(scope="module")
+def q32(tok, data):
+  tokenizer, tv = tok
+
+  @jax.jit
+  def fn(x, family):
+    f, _ = tokenizer.apply(tv, x, jnp.zeros_like(family), family, method=aqvae.AQVAE.encode)
+    return tokenizer.apply(tv, f, 0, method=aqvae.AQVAE.tokenize_scale)
+
+  return fn(data["x"], data["family"])
+
+
+@pytest.fixture(scope="module")
+def rollout_fn(tok, tiny):
+  tokenizer, tv = tok
+  model, _ = tiny
+  return jax.jit(
+    lambda params, idx0, x, fam, rng, forced, sampling: I.rollout(
+      model,
+      params,
+      tokenizer,
+      tv,
+      idx0,
+      x,
+      fam,
+      sampling=sampling,
+      rng=rng,
+      forced_idx=forced,
+      return_logits=True,
+    ),
+    static_argnames=("sampling",),
+  )
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny):
+  """Params whose logits are spread out: VAR's head init makes near-ties everywhere."""
+  params = jax.tree.map(lambda v: v, tiny[1])
+  params["params"]["head"]["kernel"] = params["params"]["head"]["kernel"] * 200.0
+  return params
+
+
+def _teacher_forced_logits(tok, tiny, forward, params, idx_list, x, family):
+  tokenizer, tv = tok
+  model, _ = tiny
+  h = T.lookup_contributions(tokenizer, tv, idx_list[:-1])
+  logits, _ = forward(params, T.build_inputs(h, model.patch_nums, model.input_mode), x, family)
+  return np.asarray(logits)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_sampling_filters():
+  probs = np.array([0.5, 0.3, 0.15, 0.05])
+  logits = jnp.asarray(np.log(probs))[None, None, :].repeat(3, axis=1)
+  assert np.array_equal(I.sample_tokens(None, logits, I.ARGMAX), np.zeros((1, 3)))
+  finite = lambda lg: np.isfinite(np.asarray(lg))[0, 0]  # noqa: E731
+  assert finite(I.filter_logits(logits, top_k=2)).tolist() == [True, True, False, False]
+  assert finite(I.filter_logits(logits, top_p=0.7)).tolist() == [True, True, False, False]
+  assert finite(I.filter_logits(logits, top_p=0.85)).tolist() == [True, True, True, False]
+  assert finite(I.filter_logits(logits, top_p=1e-6)).tolist() == [True, False, False, False]
+  assert finite(I.filter_logits(logits)).all()
+
+  many = jnp.broadcast_to(logits[:, :1], (1, 20000, 4))
+  sample = jax.jit(I.sample_tokens, static_argnums=2)
+  freq = np.bincount(np.asarray(sample(key(0), many, I.MULTINOMIAL)).ravel(), minlength=4) / 2e4
+  np.testing.assert_allclose(freq, probs, atol=0.015)
+  top2 = np.asarray(sample(key(1), many, I.SamplingConfig(greedy=False, top_k=2)))
+  np.testing.assert_allclose(
+    np.bincount(top2.ravel(), minlength=4) / 2e4, [0.625, 0.375, 0, 0], atol=0.015
+  )
+  cold = np.asarray(sample(key(2), many, I.SamplingConfig(greedy=False, temperature=0.05)))
+  assert (cold == 0).mean() > 0.99
+  with pytest.raises(ValueError, match="rng"):
+    I.sample_tokens(None, logits, I.MULTINOMIAL)
+
+
+def test_init_cache(tiny):
+  cache = I.init_cache(tiny[0], 3)
+  assert len(cache) == TINY["depth"]
+  assert all(k.shape == (3, 4, 990, 16) and v.shape == k.shape for k, v in cache)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cached rollout vs teacher forcing
+
+
+def test_cached_rollout_matches_teacher_forcing(tok, tiny, sharp, forward, rollout_fn, data, q32):
+  params = sharp
+  idx, h, aux = rollout_fn(params, q32, data["x"], data["family"], None, (), sampling=I.ARGMAX)
+  assert [i.shape for i in idx] == [(B, pn * pn) for pn in (11, 12, 13, 14, 15, 16)]
+  assert len(h) == 6 and h[0].shape == (B, 16, 16, 8)
+  np.testing.assert_array_equal(idx[0], q32)
+  cached = np.concatenate([np.asarray(lg) for lg in aux["logits"]], axis=1)
+  # Recomputing the whole sequence with the block-causal mask on the rollout's own prefix.
+  full = _teacher_forced_logits(tok, tiny, forward, params, idx, data["x"], data["family"])
+  np.testing.assert_allclose(cached, full, atol=1e-5, rtol=1e-5)
+  # Greedy AR tokens == teacher-forced argmax on that prefix (barring exact near-ties).
+  ar = np.concatenate([np.asarray(i) for i in idx[1:]], axis=1)
+  top2 = np.sort(full, axis=-1)[..., -2:]
+  decided = top2[..., 1] - top2[..., 0] > 1e-4
+  np.testing.assert_array_equal(ar[decided], full.argmax(-1)[decided])
+  assert decided.mean() > 0.995
+  # Tokens vary across positions, so the comparison is not vacuous.
+  assert len(np.unique(ar)) > 4
+
+
+def test_sampled_rollout_with_forced_prefix(tok, tiny, sharp, forward, rollout_fn, data, q32):
+  params = sharp
+  forced = (jnp.zeros((B, 144), jnp.int32) + 5,)
+  run = functools.partial(rollout_fn, params, q32, data["x"], data["family"])
+  idx_a, _, aux = run(key(0), forced, sampling=I.MULTINOMIAL)
+  idx_b, _, _ = run(key(1), forced, sampling=I.MULTINOMIAL)
+  np.testing.assert_array_equal(idx_a[1], forced[0])
+  assert all(not np.array_equal(a, b) for a, b in zip(idx_a[2:], idx_b[2:], strict=True))
+  # The cache stays consistent with the forced and sampled tokens.
+  cached = np.concatenate([np.asarray(lg) for lg in aux["logits"]], axis=1)
+  full = _teacher_forced_logits(tok, tiny, forward, params, idx_a, data["x"], data["family"])
+  np.testing.assert_allclose(cached, full, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: a memorised example comes back through AR inference
+
+
+def test_memorised_example_is_reproduced(tok, tiny, data, q32):
+  tokenizer, tv = tok
+  # A frozen context encoder halves the step's compile and run time; memorising needs no more.
+  model, params = tiny[0].clone(stop_context_grad=True), tiny[1]
+  x, family = data["x"][:1], data["family"][:1]
+  rng = np.random.default_rng(5)
+  targets = [q32[:1]] + [
+    jnp.asarray(rng.integers(0, 64, (1, pn * pn)), jnp.int32) for pn in (12, 13, 14, 15, 16)
+  ]
+  tx = optax.adam(1e-2, b2=0.95)
+
+  @jax.jit
+  def train(params, targets):
+    h = T.lookup_contributions(tokenizer, tv, targets)
+    inputs, labels = T.build_inputs(h[:-1]), jnp.concatenate(targets[1:], axis=1)
+
+    def loss_fn(p):
+      logits, _ = model.apply(p, inputs, x, family)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+
+    def step(carry, _):
+      p, opt = carry
+      (loss, logits), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
+      updates, opt = tx.update(g, opt, p)
+      return (optax.apply_updates(p, updates), opt), (loss, (logits.argmax(-1) == labels).mean())
+
+    (p, _), (loss, acc) = jax.lax.scan(step, (params, tx.init(params)), None, length=22)
+    f_hat = tokenizer.apply(tv, h, jnp.ones((1, 6)), method=aqvae.AQVAE.combine)
+    return p, loss, acc, f_hat
+
+  # The steps run long enough for XLA's optimisations to pay for themselves.
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    trained, loss, acc, f_hat = train(params, targets)
+  finally:
+    jax.config.update("jax_disable_most_optimizations", True)
+  assert float(acc[-1]) == 1.0, (float(loss[-1]), float(acc[-1]))
+
+  rec = I.Reconstructor(tokenizer, tv, model, trained["params"])
+  x_hat, aux = rec.reconstruct(x, family, return_intermediates=True)
+  for k, (got, want) in enumerate(zip(aux["idx"], targets, strict=True)):
+    pn = model.patch_nums[k]
+    assert got.shape == (1, pn, pn)
+    np.testing.assert_array_equal(got.reshape(1, -1), want)
+  assert x_hat.shape == (1, IMAGE, IMAGE, 2)
+  assert aux["levels_BKHW2"].shape == (1, 6, IMAGE, IMAGE, 2)
+  # The reconstruction decodes the mean of the six scales' contributions of these tokens.
+  np.testing.assert_allclose(aux["f_hat"], f_hat, atol=1e-5)
+  plain = rec(x, family)
+  np.testing.assert_allclose(plain, x_hat, atol=1e-5)
+  np.testing.assert_allclose(aux["levels_BKHW2"][:, -1], x_hat, atol=1e-6)
+  assert not np.allclose(aux["levels_BKHW2"][:, 0], x_hat)
+  with pytest.raises(ValueError, match="rng"):
+    rec(x, family, sampling=I.MULTINOMIAL)
