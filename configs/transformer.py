@@ -62,20 +62,20 @@ def get_config(role: str, preset: str) -> ml_collections.ConfigDict:
   config.optim.lr = {"paper": 3.125e-5, "demo": 1e-3, "smoke": 1e-3}[preset]
   config.optim.end_lr = 0.0
   config.optim.schedule = "linear"
-  config.optim.warmup_steps = {"paper": 2000, "demo": 30, "smoke": 1}[preset]
+  config.optim.warmup_steps = {"paper": 2000, "demo": 20, "smoke": 1}[preset]
   config.optim.b1 = 0.9
   config.optim.b2 = 0.95
   config.optim.weight_decay = 0.05
   config.optim.grad_clip = 2.0
 
-  config.num_epochs = {"paper": 250, "demo": 24, "smoke": 1}[preset]
+  config.num_epochs = {"paper": 250, "demo": 16, "smoke": 1}[preset]
   # Overrides num_epochs when > 0.
   config.num_train_steps = {"paper": 0, "demo": 0, "smoke": 3}[preset]
   config.max_steps_per_run = 0
   config.log_every = {"paper": 50, "demo": 10, "smoke": 1}[preset]
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.every = {"paper": 5000, "demo": 100, "smoke": 3}[preset]
+  config.eval.every = {"paper": 5000, "demo": 96, "smoke": 3}[preset]
   config.eval.batch_size = 8
   # Validation slices per mask family for teacher-forced metrics (0 = all).
   config.eval.max_records = {"paper": 0, "demo": 0, "smoke": 2}[preset]
@@ -84,7 +84,7 @@ def get_config(role: str, preset: str) -> ml_collections.ConfigDict:
   config.eval.protocol = "paper"
 
   config.ckpt = ml_collections.ConfigDict()
-  config.ckpt.every = {"paper": 5000, "demo": 100, "smoke": 2}[preset]
+  config.ckpt.every = {"paper": 5000, "demo": 96, "smoke": 2}[preset]
   config.ckpt.max_to_keep = 3
   config.mesh = [("data", -1)]
   return config

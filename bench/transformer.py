@@ -1,0 +1,116 @@
+"""Stage-2 train-step benchmark: parameters, compiled memory, step time, tokens/s, MFU.
+
+  python bench/transformer.py --preset=paper --batch=1 --depth=4        # reduced, on CPU
+  python bench/transformer.py --preset=paper --batch=32 --peak_tflops=989   # H100 bf16
+
+The step is the real one (`stages.transformer.train_step`): the frozen tokenizer turns the six
+levels into targets and inputs, then the transformer with its context encoder runs forward and
+backward over the 990 positions. Weights are random and inputs are noise of the right shapes, so
+no dataset or checkpoint is needed. FLOPs come from XLA's cost analysis of the compiled step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def main() -> int:
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("--preset", default="paper", choices=["paper", "demo", "smoke"])
+  p.add_argument("--role", default="student", choices=["student", "teacher"])
+  p.add_argument("--batch", type=int, default=2, help="global batch")
+  p.add_argument("--steps", type=int, default=3, help="timed steps after the compile step")
+  p.add_argument("--depth", type=int, default=0, help="override the depth (0: preset)")
+  p.add_argument("--dtype", default="", help="override the compute dtype")
+  p.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (0: skip)")
+  args = p.parse_args()
+
+  import jax
+  import numpy as np
+
+  sys.path.insert(0, ".")
+  from configs import transformer as transformer_config
+  from nextaccel_jax import sharding
+  from nextaccel_jax.models import aqvae
+  from nextaccel_jax.models import transformer as transformer_lib
+  from nextaccel_jax.stages import common
+  from nextaccel_jax.stages import transformer as stage
+
+  config = transformer_config.get_config(args.role, args.preset)
+  if args.depth:
+    config.model.depth = args.depth
+  if args.dtype:
+    config.model.dtype = args.dtype
+  config.data.batch_size = args.batch
+  n = config.data.image_size
+  mesh = sharding.make_mesh()
+  tokenizer = stage.make_tokenizer(config)
+  tok_vars = aqvae.init_variables(tokenizer, jax.random.key(1), n)
+  tok_vars = jax.device_put(tok_vars, sharding.replicated(mesh))
+  model = stage.make_model(config)
+  tx, _ = stage.make_optimizer(config, total_steps=100_000)
+  state, state_sharding = stage.create_train_state(
+    config, model, tx, mesh, jax.random.key(0), tok_vars
+  )
+  train_fn, _, _ = stage.jit_steps(config, model, tokenizer, tx, mesh, state_sharding)
+  rng = np.random.default_rng(0)
+  batch = {
+    "levels": rng.standard_normal((args.batch, 6, n, n, 2)).astype(np.float32) * 0.3,
+    "family": rng.integers(0, 4, args.batch).astype(np.int32),
+  }
+  batch = sharding.global_batch(batch, mesh)
+  seq = transformer_lib.sequence_length(model.patch_nums)
+  print(
+    f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}); "
+    f"preset {args.preset} ({args.role}), depth {model.depth}, width {model.width}, "
+    f"{n}², batch {args.batch}, dtype {config.model.dtype}, remat {model.remat}"
+  )
+  encoder = common.count_params(state.params["context_encoder"])
+  print(
+    f"parameters: {common.count_params(state.params):,} "
+    f"(context encoder {encoder:,}); tokenizer {common.count_params(tok_vars['params']):,}"
+  )
+  t = time.perf_counter()
+  compiled = train_fn.lower(state, batch, tok_vars).compile()
+  print(f"compile: {time.perf_counter() - t:.1f} s")
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+    total -= getattr(mem, "alias_size_in_bytes", 0)
+    print(
+      f"compiled memory: temp {mem.temp_size_in_bytes / 2**30:.2f} GiB, arguments "
+      f"{mem.argument_size_in_bytes / 2**30:.2f} GiB, total ~{total / 2**30:.2f} GiB"
+    )
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  print(f"XLA cost analysis: {flops / 1e12:.3f} TFLOP per step")
+
+  state, m = compiled(state, batch, tok_vars)
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  for _ in range(args.steps):
+    state, m = compiled(state, batch, tok_vars)
+  jax.block_until_ready(m)
+  dt = (time.perf_counter() - t) / args.steps
+  print(
+    f"step time: {dt:.3f} s, {args.batch / dt:.2f} images/s, "
+    f"{args.batch * seq / dt:,.0f} tokens/s ({seq} positions per image)"
+  )
+  print(f"achieved: {flops / dt / 1e12:.3f} TFLOP/s", end="")
+  if args.peak_tflops:
+    print(
+      f", MFU {100 * flops / dt / (args.peak_tflops * 1e12):.1f}% of {args.peak_tflops} TFLOP/s"
+    )
+  else:
+    print(" (pass --peak_tflops for MFU)")
+  print(f"loss after {args.steps + 1} steps: {float(m['loss']):.4f}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
