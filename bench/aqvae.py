@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 def main() -> int:
@@ -33,6 +32,7 @@ def main() -> int:
 
   import jax
   import numpy as np
+  import steplib
 
   sys.path.insert(0, ".")
   from configs import aqvae as aqvae_config
@@ -76,61 +76,24 @@ def main() -> int:
     f"frozen tower {common.count_params(frozen['tower']):,}"
   )
 
-  t = time.perf_counter()
-  compiled = train_fn.lower(state, batch, frozen).compile()
-  print(f"compile: {time.perf_counter() - t:.1f} s")
-  mem = compiled.memory_analysis()
-  if mem is not None:
-    total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-    total -= getattr(mem, "alias_size_in_bytes", 0)
-    print(
-      f"compiled memory: temp {mem.temp_size_in_bytes / 2**30:.2f} GiB, arguments "
-      f"{mem.argument_size_in_bytes / 2**30:.2f} GiB, total ~{total / 2**30:.2f} GiB"
-    )
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list | tuple) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  print(f"XLA cost analysis: {flops / 1e12:.3f} TFLOP per step")
-
-  state, m = compiled(state, batch, frozen)
-  jax.block_until_ready(m)
-  t = time.perf_counter()
-  for _ in range(args.steps):
-    state, m = compiled(state, batch, frozen)
-  jax.block_until_ready(m)
-  dt = (time.perf_counter() - t) / args.steps
+  compiled, flops = steplib.compile_step(train_fn, state, batch, frozen)
+  state, m, dt = steplib.time_steps(compiled, state, batch, frozen, steps=args.steps)
   print(
     f"step time: {dt:.3f} s, {args.batch / dt:.2f} images/s "
     f"(each image = six encoder passes + one decoder pass)"
   )
-  print(f"achieved: {flops / dt / 1e12:.3f} TFLOP/s", end="")
-  if args.peak_tflops:
-    print(
-      f", MFU {100 * flops / dt / (args.peak_tflops * 1e12):.1f}% of {args.peak_tflops} TFLOP/s"
-    )
-  else:
-    print(" (pass --peak_tflops for MFU)")
+  steplib.print_utilisation(flops, dt, args.peak_tflops)
   print(f"loss after {args.steps + 1} steps: {float(m['loss']):.4f}")
   if args.losses == "full":
     _loss_shares(config, disc, state, frozen, batch, dt, args.steps)
   return 0
 
 
-def _time(fn, *args, steps: int) -> float:
-  import jax
-
-  jax.block_until_ready(fn(*args))
-  t = time.perf_counter()
-  for _ in range(steps):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t) / steps
-
-
 def _loss_shares(config, disc, state, frozen, batch, step_s: float, steps: int) -> None:
   """Times the perceptual and adversarial parts alone, as in the step (fwd + bwd)."""
   import jax
   import jax.numpy as jnp
+  import steplib
 
   from nextaccel_jax import losses
   from nextaccel_jax.models import lpips
@@ -159,9 +122,9 @@ def _loss_shares(config, disc, state, frozen, batch, step_s: float, steps: int) 
     return jax.grad(g)(fake), jax.grad(d)(variables["params"])
 
   fake = mag * 0.9
-  t_lpips = _time(lpips_fwd_bwd, fake, steps=steps)
+  t_lpips = steplib.time_call(lpips_fwd_bwd, fake, repeats=steps)
   variables = aqvae._disc_variables(state, frozen)
-  t_disc = _time(disc_passes, fake, variables, steps=steps)
+  t_disc = steplib.time_call(disc_passes, fake, variables, repeats=steps)
   print(
     f"alone: discriminator (tower G pass + D real/fake) {t_disc:.3f} s "
     f"({100 * t_disc / step_s:.0f}% of the step), LPIPS-alex fwd+bwd {t_lpips:.3f} s "

@@ -18,17 +18,6 @@ import sys
 import time
 
 
-def _timed(fn, *args, repeats: int) -> float:
-  import jax
-
-  jax.block_until_ready(fn(*args))
-  t = time.perf_counter()
-  for _ in range(repeats):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t) / repeats
-
-
 def main() -> int:
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -43,6 +32,7 @@ def main() -> int:
   import jax
   import jax.numpy as jnp
   import numpy as np
+  import steplib
 
   sys.path.insert(0, ".")
   from configs import transformer as transformer_config
@@ -104,12 +94,12 @@ def main() -> int:
     mem_gib = float("nan")
     if mem is not None:
       mem_gib = (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / 2**30
-    whole = _timed(rec.reconstruct, x, fam, repeats=args.repeats)
+    whole = steplib.time_call(rec.reconstruct, x, fam, repeats=args.repeats)
     idx0 = encode_j(tok_vars, x, fam)
     h_list = steps_j(tok_vars, pv, idx0, x, fam)
-    t_enc = _timed(encode_j, tok_vars, x, fam, repeats=args.repeats)
-    t_steps = _timed(steps_j, tok_vars, pv, idx0, x, fam, repeats=args.repeats)
-    t_dec = _timed(decode_j, tok_vars, h_list, repeats=args.repeats)
+    t_enc = steplib.time_call(encode_j, tok_vars, x, fam, repeats=args.repeats)
+    t_steps = steplib.time_call(steps_j, tok_vars, pv, idx0, x, fam, repeats=args.repeats)
+    t_dec = steplib.time_call(decode_j, tok_vars, h_list, repeats=args.repeats)
     print(
       f"| {b} | {compile_s:.1f} | {mem_gib:.2f} | {1e3 * whole:.1f} | {1e3 * whole / b:.2f} | "
       f"{b / whole:.1f} | {1e3 * t_enc:.1f} | {1e3 * t_steps:.1f} | {1e3 * t_dec:.1f} |"

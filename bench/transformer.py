@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 def main() -> int:
@@ -31,6 +30,7 @@ def main() -> int:
 
   import jax
   import numpy as np
+  import steplib
 
   sys.path.insert(0, ".")
   from configs import transformer as transformer_config
@@ -74,40 +74,13 @@ def main() -> int:
     f"parameters: {common.count_params(state.params):,} "
     f"(context encoder {encoder:,}); tokenizer {common.count_params(tok_vars['params']):,}"
   )
-  t = time.perf_counter()
-  compiled = train_fn.lower(state, batch, tok_vars).compile()
-  print(f"compile: {time.perf_counter() - t:.1f} s")
-  mem = compiled.memory_analysis()
-  if mem is not None:
-    total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-    total -= getattr(mem, "alias_size_in_bytes", 0)
-    print(
-      f"compiled memory: temp {mem.temp_size_in_bytes / 2**30:.2f} GiB, arguments "
-      f"{mem.argument_size_in_bytes / 2**30:.2f} GiB, total ~{total / 2**30:.2f} GiB"
-    )
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list | tuple) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  print(f"XLA cost analysis: {flops / 1e12:.3f} TFLOP per step")
-
-  state, m = compiled(state, batch, tok_vars)
-  jax.block_until_ready(m)
-  t = time.perf_counter()
-  for _ in range(args.steps):
-    state, m = compiled(state, batch, tok_vars)
-  jax.block_until_ready(m)
-  dt = (time.perf_counter() - t) / args.steps
+  compiled, flops = steplib.compile_step(train_fn, state, batch, tok_vars)
+  state, m, dt = steplib.time_steps(compiled, state, batch, tok_vars, steps=args.steps)
   print(
     f"step time: {dt:.3f} s, {args.batch / dt:.2f} images/s, "
     f"{args.batch * seq / dt:,.0f} tokens/s ({seq} positions per image)"
   )
-  print(f"achieved: {flops / dt / 1e12:.3f} TFLOP/s", end="")
-  if args.peak_tflops:
-    print(
-      f", MFU {100 * flops / dt / (args.peak_tflops * 1e12):.1f}% of {args.peak_tflops} TFLOP/s"
-    )
-  else:
-    print(" (pass --peak_tflops for MFU)")
+  steplib.print_utilisation(flops, dt, args.peak_tflops)
   print(f"loss after {args.steps + 1} steps: {float(m['loss']):.4f}")
   return 0
 

@@ -165,23 +165,7 @@ def make_discriminator(config: ml_collections.ConfigDict) -> discriminator.Discr
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
-  o = config.optim
-  schedule = common.make_schedule(
-    base_lr=o.lr,
-    total_steps=total_steps,
-    warmup_steps=o.warmup_steps,
-    schedule=o.schedule,
-    end_lr=o.end_lr,
-  )
-  tx = common.make_optimizer(
-    learning_rate=schedule,
-    b1=o.b1,
-    b2=o.b2,
-    weight_decay=o.weight_decay,
-    grad_clip=o.grad_clip,
-    no_decay_mask_fn=common.no_decay_mask,
-  )
-  return tx, schedule
+  return common.optimizer_from_config(config.optim, total_steps)
 
 
 def make_disc_optimizer(config: ml_collections.ConfigDict):

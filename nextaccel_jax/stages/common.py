@@ -216,6 +216,27 @@ def make_optimizer(
   return optax.chain(*parts)
 
 
+def optimizer_from_config(optim, total_steps: int):
+  """`(tx, schedule)` from a config's `optim` section (lr, end_lr, schedule, warmup_steps, b1, b2,
+  weight_decay, grad_clip), with weight decay only where `no_decay_mask` allows it."""
+  schedule = make_schedule(
+    base_lr=optim.lr,
+    total_steps=total_steps,
+    warmup_steps=optim.warmup_steps,
+    schedule=optim.schedule,
+    end_lr=optim.end_lr,
+  )
+  tx = make_optimizer(
+    learning_rate=schedule,
+    b1=optim.b1,
+    b2=optim.b2,
+    weight_decay=optim.weight_decay,
+    grad_clip=optim.grad_clip,
+    no_decay_mask_fn=no_decay_mask,
+  )
+  return tx, schedule
+
+
 def param_path(path) -> str:
   """A pytree key path as `"block_0/attn/kernel"`."""
   return jax.tree_util.keystr(tuple(path), simple=True, separator="/")

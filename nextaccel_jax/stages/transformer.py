@@ -104,22 +104,8 @@ def load_tokenizer(config: ml_collections.ConfigDict, tokenizer: aqvae.AQVAE, me
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
-  o = config.optim
-  schedule = common.make_schedule(
-    base_lr=o.lr,
-    total_steps=total_steps,
-    warmup_steps=o.warmup_steps,
-    schedule=o.schedule,
-    end_lr=o.end_lr,
-  )
-  tx = common.make_optimizer(
-    learning_rate=schedule,
-    b1=o.b1,
-    b2=o.b2,
-    weight_decay=o.weight_decay,
-    grad_clip=o.grad_clip,
-    no_decay_mask_fn=common.no_decay_mask,
-  )
+  """AdamW with VAR's no-decay groups; the context encoder is masked out when frozen."""
+  tx, schedule = common.optimizer_from_config(config.optim, total_steps)
   return transformer_lib.mask_frozen(tx, config.trainable_context_encoder), schedule
 
 

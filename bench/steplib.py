@@ -1,0 +1,63 @@
+"""What the train-step benchmarks share: compile with memory and FLOPs, timed steps, MFU."""
+
+from __future__ import annotations
+
+import time
+
+
+def compile_step(train_fn, *args):
+  """Lowers and compiles `train_fn(*args)`; prints compile time, memory and FLOPs per step.
+
+  Returns:
+    `(compiled, flops)`.
+  """
+  t = time.perf_counter()
+  compiled = train_fn.lower(*args).compile()
+  print(f"compile: {time.perf_counter() - t:.1f} s")
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+    total -= getattr(mem, "alias_size_in_bytes", 0)
+    print(
+      f"compiled memory: temp {mem.temp_size_in_bytes / 2**30:.2f} GiB, arguments "
+      f"{mem.argument_size_in_bytes / 2**30:.2f} GiB, total ~{total / 2**30:.2f} GiB"
+    )
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  print(f"XLA cost analysis: {flops / 1e12:.3f} TFLOP per step")
+  return compiled, flops
+
+
+def time_steps(compiled, state, *rest, steps: int):
+  """One warm-up call, then `steps` timed ones; returns `(state, metrics, seconds per step)`."""
+  import jax
+
+  state, m = compiled(state, *rest)
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, m = compiled(state, *rest)
+  jax.block_until_ready(m)
+  return state, m, (time.perf_counter() - t) / steps
+
+
+def print_utilisation(flops: float, seconds: float, peak_tflops: float) -> None:
+  print(f"achieved: {flops / seconds / 1e12:.3f} TFLOP/s", end="")
+  if peak_tflops:
+    mfu = 100 * flops / seconds / (peak_tflops * 1e12)
+    print(f", MFU {mfu:.1f}% of {peak_tflops} TFLOP/s")
+  else:
+    print(" (pass --peak_tflops for MFU)")
+
+
+def time_call(fn, *args, repeats: int) -> float:
+  """Seconds per call of `fn(*args)` after one warm-up call (which compiles)."""
+  import jax
+
+  jax.block_until_ready(fn(*args))
+  t = time.perf_counter()
+  for _ in range(repeats):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) / repeats
