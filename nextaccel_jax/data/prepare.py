@@ -64,3 +64,33 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   print(summary.format_table(table, 1))
   print(f"summary written to {workdir / 'data_summary.json'}")
   return report
+
+
+def training_splits(config: ml_collections.ConfigDict, workdir) -> tuple:
+  """Builds the dataset if `config.data.build` and returns its `(train, validation)` sources."""
+  data_dir = data_dir_for(config, workdir)
+  if config.data.build:
+    build_from_config(config, data_dir)
+  name = dataset_name(config)
+  return pipeline.load_split(name, "train", data_dir), pipeline.load_split(
+    name, "validation", data_dir
+  )
+
+
+def loaders(config: ml_collections.ConfigDict, train_src, val_src, mesh, start_step: int):
+  """The sharded train loader (resuming at `start_step`) and the fixed validation loader."""
+  train = pipeline.TrainLoader(
+    train_src,
+    global_batch_size=config.data.batch_size,
+    mesh=mesh,
+    seed=config.seed,
+    start_step=start_step,
+    single_coil=config.data.single_coil,
+  )
+  val = pipeline.EvalLoader(
+    val_src,
+    global_batch_size=config.eval.batch_size,
+    mesh=mesh,
+    max_records=config.eval.max_records or None,
+  )
+  return train, val

@@ -300,12 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.get("mesh") or None)
   tokenizer = make_tokenizer(config)
   tok_vars = load_tokenizer(config, tokenizer, mesh)
-  data_dir = prepare.data_dir_for(config, workdir)
-  if config.data.build:
-    prepare.build_from_config(config, data_dir)
-  name = prepare.dataset_name(config)
-  train_src = pipeline.load_split(name, "train", data_dir)
-  val_src = pipeline.load_split(name, "validation", data_dir)
+  train_src, val_src = prepare.training_splits(config, workdir)
 
   steps_per_epoch = max(1, len(train_src) // config.data.batch_size)
   total_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
@@ -351,20 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config.data.batch_size,
     jax.device_count(),
   )
-  loader = pipeline.TrainLoader(
-    train_src,
-    global_batch_size=config.data.batch_size,
-    mesh=mesh,
-    seed=config.seed,
-    start_step=int(state.step),
-    single_coil=config.data.single_coil,
-  )
-  val_loader = pipeline.EvalLoader(
-    val_src,
-    global_batch_size=config.eval.batch_size,
-    mesh=mesh,
-    max_records=config.eval.max_records or None,
-  )
+  loader, val_loader = prepare.loaders(config, train_src, val_src, mesh, int(state.step))
   try:
     state, last = common.train_loop(
       state=state,
