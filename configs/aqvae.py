@@ -130,7 +130,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.optim.weight_decay = 1e-4
   config.optim.grad_clip = 5.0
 
-  config.num_epochs = {"paper": 100, "demo": 20, "smoke": 1}[preset]
+  config.num_epochs = {"paper": 100, "demo": 16, "smoke": 1}[preset]
   # Overrides num_epochs when > 0.
   config.num_train_steps = {"paper": 0, "demo": 0, "smoke": 4}[preset]
   # Stop after this many steps in one invocation (0 = run to the end); a rerun resumes.
@@ -138,7 +138,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.log_every = {"paper": 50, "demo": 10, "smoke": 1}[preset]
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.every = {"paper": 2000, "demo": 120, "smoke": 4}[preset]
+  config.eval.every = {"paper": 2000, "demo": 192, "smoke": 4}[preset]
   config.eval.batch_size = 8
   # Validation slices per mask family (0 = all).
   config.eval.max_records = {"paper": 0, "demo": 0, "smoke": 2}[preset]
@@ -147,7 +147,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.eval.lpips_nets = ("alex", "vgg") if preset == "paper" else ("alex",)
 
   config.ckpt = ml_collections.ConfigDict()
-  config.ckpt.every = {"paper": 1000, "demo": 120, "smoke": 2}[preset]
+  config.ckpt.every = {"paper": 1000, "demo": 48, "smoke": 2}[preset]
   config.ckpt.max_to_keep = 3
   # Mesh axes as (name, size) pairs; -1 takes the remaining devices.
   config.mesh = [("data", -1)]

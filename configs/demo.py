@@ -1,15 +1,17 @@
-"""The demo on built-in synthetic data (fastMRI-format volumes made from the MNI152 template).
+"""The whole method on the built-in synthetic data, end to end, on a laptop-class CPU.
 
   python -m nextaccel_jax.main --config=configs/demo.py --workdir=runs/demo
 
-Builds the demo dataset and prints its summary; `:smoke` is a tiny version for tests.
+Builds the demo dataset (synthetic fastMRI-format volumes made from the MNI152 brain template),
+trains the AQ-VAE, the stage-2 student and teacher, distils the student, exports it and writes
+`runs/demo/evaluate/report.md`. About half an hour on two CPU cores; run it again to resume.
+`configs/demo.py:smoke` is a minutes-long version with tiny models, used by the tests.
 """
 
 import ml_collections
 
-from configs import common
-from configs import data as data_config
+from configs import common, pipeline
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
-  return data_config.get_config(common.check_preset(arg, ("demo", "smoke")))
+  return pipeline.get_config(common.check_preset(arg, ("demo", "smoke")))

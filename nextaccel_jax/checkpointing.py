@@ -363,3 +363,11 @@ def load_params(
         partial_restore=True,
       )
     return manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+
+
+def load_best_or_latest(path_or_workdir: str, abstract_tree=None, *, item: str = _STATE):
+  """`load_params` of a workdir's best checkpoint, or of its latest one when it kept no best."""
+  try:
+    return load_params(path_or_workdir, abstract_tree, item=item, best=True)
+  except FileNotFoundError:
+    return load_params(path_or_workdir, abstract_tree, item=item)

@@ -23,6 +23,8 @@ variables and jits `reconstruct` once per sampling configuration:
   rec = Reconstructor(tokenizer, tokenizer_variables, transformer, transformer_params)
   x_hat_BHW2 = rec.reconstruct(x_r32_BHW2, family_B)
   x_hat_BHW2, aux = rec.reconstruct(x_r32_BHW2, family_B, return_intermediates=True)
+  rec = Reconstructor.from_export("runs/export")  # written by `python -m nextaccel_jax.export`
+  rec = Reconstructor.from_workdirs("runs/student")  # its config.json names the tokenizer
 """
 
 from __future__ import annotations
@@ -311,6 +313,46 @@ class Reconstructor:
     )
 
   __call__ = reconstruct
+
+  @classmethod
+  def from_export(cls, path, sampling: SamplingConfig = ARGMAX) -> Reconstructor:
+    """Loads an inference export (`nextaccel_jax.export`).
+
+    Args:
+      path: the export directory.
+      sampling: default token selection.
+    """
+    # Imported here: export imports the training stage, which imports this module.
+    from nextaccel_jax import export as export_lib
+
+    ex = export_lib.load_export(path)
+    return cls(
+      ex.tokenizer, ex.tokenizer_variables, ex.transformer, ex.transformer_params, sampling
+    )
+
+  @classmethod
+  def from_workdirs(
+    cls,
+    transformer_from,
+    tokenizer_from=None,
+    *,
+    best: bool = True,
+    sampling: SamplingConfig = ARGMAX,
+  ) -> Reconstructor:
+    """Loads the models of training workdirs, as `export.load_workdirs` does.
+
+    Args:
+      transformer_from: the stage-2/3 workdir (its `config.json` gives the model fields).
+      tokenizer_from: the stage-1 workdir; None uses the one recorded by the run.
+      best: best checkpoints (newest periodic where no best was kept); False: newest periodic.
+      sampling: default token selection.
+    """
+    from nextaccel_jax import export as export_lib
+
+    ex = export_lib.load_workdirs(transformer_from, tokenizer_from, best=best)
+    return cls(
+      ex.tokenizer, ex.tokenizer_variables, ex.transformer, ex.transformer_params, sampling
+    )
 
 
 __all__: Sequence[str] = (

@@ -314,3 +314,48 @@ def lsgan_g_loss(fake_logits: jax.Array, reduce: str = "tokens"):
   """Least-squares generator loss `mean((D(fake) − 1)²)`, float32 scalar; the caller weights it
   (0.1 in the paper's stage-1 loss). `reduce` as in `lsgan_d_loss`."""
   return jnp.mean(jnp.square(_gan_logits(fake_logits, reduce) - 1.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Distillation (decisions.md §5)
+
+KL_DIRECTIONS = ("reverse", "forward")
+
+
+def token_kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
+  """Exact `KL(p ‖ q)` per position over the whole vocabulary (last axis), float32.
+
+  Computed from log-softmaxes so that near-zero probabilities do not underflow into `0 · log 0`.
+  """
+  log_p = jax.nn.log_softmax(logits_p.astype(jnp.float32), axis=-1)
+  log_q = jax.nn.log_softmax(logits_q.astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def distillation_kl(
+  student_logits_BLV: jax.Array,
+  teacher_logits_BLV: jax.Array,
+  layout,
+  direction: str = "reverse",
+) -> tuple[jax.Array, dict]:
+  """Mean over scales of the token-mean KL between student and teacher.
+
+  Args:
+    student_logits_BLV, teacher_logits_BLV: logits over the same positions.
+    layout: `(begin, end)` of each scale in the sequence (`transformer.sequence_layout`).
+    direction: "reverse" is `KL(p_student ‖ p_teacher)` (mode seeking, the paper's objective);
+      "forward" is `KL(p_teacher ‖ p_student)` (the ablation).
+
+  Returns:
+    `(loss, aux)`; aux holds the per-position `kl_BL` and `kl_scales` (one scalar per scale).
+    Every scale weighs the same whatever its token count, so the coarse scales, which set the
+    image's structure, are not drowned by the 256 tokens of the finest one.
+  """
+  if direction not in KL_DIRECTIONS:
+    raise ValueError(f"direction must be one of {KL_DIRECTIONS}, got {direction!r}")
+  if direction == "reverse":
+    kl_BL = token_kl(student_logits_BLV, teacher_logits_BLV)
+  else:
+    kl_BL = token_kl(teacher_logits_BLV, student_logits_BLV)
+  kl_scales = [jnp.mean(kl_BL[:, b:e]) for b, e in layout]
+  return jnp.mean(jnp.stack(kl_scales)), {"kl_BL": kl_BL, "kl_scales": kl_scales}

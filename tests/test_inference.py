@@ -2,7 +2,6 @@
 AR argmax, forced prefixes, and a memorised example reproduced end to end."""
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +10,7 @@ import optax
 import pytest
 
 from nextaccel_jax import inference as I
+from nextaccel_jax import testing
 from nextaccel_jax.models import aqvae
 from nextaccel_jax.models import transformer as T
 
@@ -28,29 +28,6 @@ def key(seed: int) -> jax.Array:
   return jax.random.key(seed, impl="unsafe_rbg")
 
 
-def random_tokenizer_variables(model: aqvae.AQVAE, seed: int = 0):
-  """Tokenizer variables filled from numpy (its init is tested elsewhere; compiling it would
-  dominate the run time). Codes are unit-scale so the tokens vary."""
-  levels = jnp.zeros((1, 6, IMAGE, IMAGE, 2))
-  shapes = jax.eval_shape(
-    lambda: model.init(key(0), levels, jnp.zeros((1,), jnp.int32), train=False)
-  )
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name, last = jax.tree_util.keystr(path), path[-1].key
-    if "film" in name or last in ("bias", "cluster_size"):
-      return np.zeros(s.shape, np.float32) + (last == "cluster_size")
-    if last == "scale":
-      return np.ones(s.shape, np.float32)
-    fan_in = math.prod(s.shape[:-1]) if last == "kernel" else 1
-    return (rng.standard_normal(s.shape) / math.sqrt(fan_in)).astype(np.float32)
-
-  variables = jax.tree.map_with_path(fill, shapes)
-  variables["vq_ema"]["quantize"]["embed_avg"] = variables["vq_ema"]["quantize"]["embed"]
-  return jax.tree.map(jnp.asarray, variables)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def fast_compile():
   """XLA without its expensive optimisation passes: these tiny models spend far longer in the
@@ -64,7 +41,7 @@ def fast_compile():
 @pytest.fixture(scope="module")
 def tok():
   model = aqvae.AQVAE(label_features=16, **TOKENIZER)
-  return model, random_tokenizer_variables(model)
+  return model, testing.random_tokenizer_variables(model, IMAGE)
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,10 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike | None = None)
   if not builder.is_prepared():
     raise FileNotFoundError(
       f"dataset {name} is not built in {builder.data_dir}; build it with "
-      f"`python -m nextaccel_jax.data.build --config={name.split('/')[-1]} --data_dir=...`"
+      f"`python -m nextaccel_jax.data.build --config={name.split('/')[-1]} --data_dir=...` "
+      "(real fastMRI also needs --manual_dir=<folder with multicoil_train/ and multicoil_val/>, "
+      "downloaded from https://fastmri.med.nyu.edu/), or run the built-in demo data instead: "
+      "`python -m nextaccel_jax.main --config=configs/demo.py --workdir=runs/demo`"
     )
   sources = builder.as_data_source()
   if split not in sources:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 from collections.abc import Callable
 
@@ -545,31 +544,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     jax.device_count(),
   )
   loader, val_loader = prepare.loaders(config, train_src, val_src, mesh, start)
-  try:
-    state, last = common.train_loop(
-      state=state,
-      train_fn=lambda s, b: train_fn(s, b, frozen),
-      evaluate_fn=lambda s: evaluate(
-        eval_fn, s, val_loader, config.eval.protocol, tuple(config.eval.lpips_nets)
-      ),
-      loader=loader,
-      total_steps=total_steps,
-      schedule=schedule,
-      ckpt=ckpt,
-      writer=writer,
-      meta=meta,
-      best_metric="recon_all/ssim",
-      log_every=config.log_every,
-      eval_every=config.eval.every,
-      ckpt_every=config.ckpt.every,
-      max_steps_per_run=config.max_steps_per_run,
-      desc="aqvae",
-      postfix=("loss", "ssim"),
-    )
-  finally:
-    loader.close()
-    ckpt.close()
-    writer.close()
-  if last:
-    (workdir / "final_metrics.json").write_text(json.dumps(last, indent=2))
-  return last
+  return common.run_stage_loop(
+    config,
+    workdir,
+    loader=loader,
+    ckpt=ckpt,
+    writer=writer,
+    state=state,
+    train_fn=lambda s, b: train_fn(s, b, frozen),
+    evaluate_fn=lambda s: evaluate(
+      eval_fn, s, val_loader, config.eval.protocol, tuple(config.eval.lpips_nets)
+    ),
+    total_steps=total_steps,
+    schedule=schedule,
+    meta=meta,
+    best_metric="recon_all/ssim",
+    desc="aqvae",
+    postfix=("loss", "ssim"),
+  )

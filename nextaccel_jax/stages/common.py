@@ -515,3 +515,31 @@ def train_loop(
   finally:
     progress.close()
   return state, last
+
+
+def run_stage_loop(config, workdir, *, loader, ckpt, writer, **loop_kwargs) -> dict:
+  """`train_loop` with the periods a stage config holds (`log_every`, `eval.every`,
+  `ckpt.every`, `max_steps_per_run`).
+
+  Closes the loader, checkpointer and writer whatever happens, and writes the last validation
+  metrics to `workdir/final_metrics.json`. Returns those metrics (empty when none ran).
+  """
+  try:
+    _, last = train_loop(
+      loader=loader,
+      ckpt=ckpt,
+      writer=writer,
+      log_every=config.log_every,
+      eval_every=config.eval.every,
+      ckpt_every=config.ckpt.every,
+      max_steps_per_run=config.max_steps_per_run,
+      **loop_kwargs,
+    )
+  finally:
+    loader.close()
+    ckpt.close()
+    writer.close()
+  if last and _is_chief():
+    with open(os.path.join(os.fspath(workdir), "final_metrics.json"), "w", encoding="utf-8") as f:
+      json.dump(last, f, indent=2)
+  return last

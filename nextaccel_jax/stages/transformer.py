@@ -18,7 +18,6 @@ token accuracy, and decodes a few batches autoregressively (argmax, KV cache) fo
 from __future__ import annotations
 
 import functools
-import json
 import os
 import pathlib
 
@@ -61,12 +60,17 @@ def make_tokenizer(config: ml_collections.ConfigDict) -> aqvae.AQVAE:
   return aqvae.AQVAE(**fields)
 
 
-def make_model(config: ml_collections.ConfigDict) -> transformer_lib.NextAccelTransformer:
-  fields = dict(config.model)
+def model_from_fields(model_fields, tokenizer_fields) -> transformer_lib.NextAccelTransformer:
+  """The transformer of a `config.model` section, its context encoder sized like the tokenizer."""
+  fields = dict(model_fields)
   fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
   fields["param_dtype"] = jnp.float32
-  fields.update(transformer_lib.context_encoder_fields(dict(config.tokenizer)))
+  fields.update(transformer_lib.context_encoder_fields(dict(tokenizer_fields)))
   return transformer_lib.NextAccelTransformer(**fields)
+
+
+def make_model(config: ml_collections.ConfigDict) -> transformer_lib.NextAccelTransformer:
+  return model_from_fields(config.model, config.tokenizer)
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, tokenizer: aqvae.AQVAE, mesh) -> dict:
@@ -91,10 +95,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, tokenizer: aqvae.AQVAE, me
   repl = sharding.replicated(mesh)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
   try:
-    try:
-      tree = checkpointing.load_params(path, dict(abstract), best=True)
-    except FileNotFoundError:
-      tree = checkpointing.load_params(path, dict(abstract))
+    tree = checkpointing.load_best_or_latest(path, dict(abstract))
   except (ValueError, KeyError) as e:
     raise ValueError(
       f"config.tokenizer_from={path}: the checkpoint does not match config.tokenizer "
@@ -347,38 +348,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     jax.device_count(),
   )
   loader, val_loader = prepare.loaders(config, train_src, val_src, mesh, int(state.step))
-  try:
-    state, last = common.train_loop(
-      state=state,
-      train_fn=lambda s, b: train_fn(s, b, tok_vars),
-      evaluate_fn=lambda s: evaluate(
-        eval_fn,
-        recon_fn,
-        s,
-        tok_vars,
-        val_loader,
-        patch_nums=model.patch_nums,
-        recon_batches=config.eval.recon_batches,
-        protocol=config.eval.protocol,
-      ),
-      loader=loader,
-      total_steps=total_steps,
-      schedule=schedule,
-      ckpt=ckpt,
-      writer=writer,
-      meta=meta,
-      best_metric="neg_ce",
-      log_every=config.log_every,
-      eval_every=config.eval.every,
-      ckpt_every=config.ckpt.every,
-      max_steps_per_run=config.max_steps_per_run,
-      desc=config.model.role,
-      postfix=("loss", "acc"),
-    )
-  finally:
-    loader.close()
-    ckpt.close()
-    writer.close()
-  if last:
-    (workdir / "final_metrics.json").write_text(json.dumps(last, indent=2))
-  return last
+  return common.run_stage_loop(
+    config,
+    workdir,
+    loader=loader,
+    ckpt=ckpt,
+    writer=writer,
+    state=state,
+    train_fn=lambda s, b: train_fn(s, b, tok_vars),
+    evaluate_fn=lambda s: evaluate(
+      eval_fn,
+      recon_fn,
+      s,
+      tok_vars,
+      val_loader,
+      patch_nums=model.patch_nums,
+      recon_batches=config.eval.recon_batches,
+      protocol=config.eval.protocol,
+    ),
+    total_steps=total_steps,
+    schedule=schedule,
+    meta=meta,
+    best_metric="neg_ce",
+    desc=config.model.role,
+    postfix=("loss", "acc"),
+  )

@@ -9,26 +9,14 @@ import pytest
 
 from configs import aqvae as aqvae_config
 from nextaccel_jax import checkpointing, sharding
-from nextaccel_jax.data import build, pipeline
+from nextaccel_jax.data import pipeline
 from nextaccel_jax.stages import aqvae, common
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("tfds")
-  build.build("smoke", data_dir=d)
-  return str(d)
 
 
 def _config(data_dir, **overrides):
   config = aqvae_config.get_config("smoke")
   config.data.data_dir = data_dir
-  for k, v in overrides.items():
-    node = config
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  config.update_from_flattened_dict(overrides)
   return config
 
 
@@ -50,8 +38,8 @@ def _state(config, seed=0):
   return mesh, model, tx, disc, disc_tx, frozen, state, state_sharding
 
 
-def test_smoke_run_trains_evaluates_and_checkpoints(data_dir, tmp_path):
-  final = aqvae.train_and_evaluate(_config(data_dir), tmp_path)
+def test_smoke_run_trains_evaluates_and_checkpoints(smoke_data_dir, tmp_path):
+  final = aqvae.train_and_evaluate(_config(smoke_data_dir), tmp_path)
   for key in ("recon_all/ssim", "recon_all/psnr", "recon_r32/ssim", "zero_filled/psnr"):
     assert np.isfinite(final[key]), key
   saved = json.loads((tmp_path / "final_metrics.json").read_text())
@@ -85,13 +73,13 @@ def test_smoke_run_trains_evaluates_and_checkpoints(data_dir, tmp_path):
   assert (tmp_path / "config.json").exists()
 
 
-def test_resume_gives_identical_losses(data_dir, tmp_path):
+def test_resume_gives_identical_losses(smoke_data_dir, tmp_path):
   straight = tmp_path / "straight"
-  aqvae.train_and_evaluate(_config(data_dir), straight)
+  aqvae.train_and_evaluate(_config(smoke_data_dir), straight)
   split = tmp_path / "split"
-  aqvae.train_and_evaluate(_config(data_dir, max_steps_per_run=2), split)
+  aqvae.train_and_evaluate(_config(smoke_data_dir, max_steps_per_run=2), split)
   assert checkpointing.Checkpointer(split).latest_step() == 2
-  aqvae.train_and_evaluate(_config(data_dir, max_steps_per_run=2), split)
+  aqvae.train_and_evaluate(_config(smoke_data_dir, max_steps_per_run=2), split)
   assert sorted(_train_losses(split)) == [1, 2, 3, 4]
   # The discriminator's loss continuing identically shows its heads, optimizer and spectral
   # vectors were restored along with the generator.
@@ -101,7 +89,9 @@ def test_resume_gives_identical_losses(data_dir, tmp_path):
       assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (key, step)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+  smoke_data_dir, tmp_path, monkeypatch
+):
   orig_next = pipeline.TrainLoader.__next__
 
   def poisoned_next(self):
@@ -113,21 +103,21 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
 
   monkeypatch.setattr(pipeline.TrainLoader, "__next__", poisoned_next)
   with pytest.raises(common.NonFiniteLossError, match="step 3"):
-    aqvae.train_and_evaluate(_config(data_dir), tmp_path)
+    aqvae.train_and_evaluate(_config(smoke_data_dir), tmp_path)
   ckpt = checkpointing.Checkpointer(tmp_path)
   assert ckpt.latest_step() == 2
   ckpt.close()
 
 
-def test_init_from_converted_variables(data_dir, tmp_path):
-  config = _config(data_dir)
+def test_init_from_converted_variables(smoke_data_dir, tmp_path):
+  config = _config(smoke_data_dir)
   state = _state(config, seed=7)[-2]
   variables = {"params": jax.device_get(state.params), "vq_ema": jax.device_get(state.vq_ema)}
   from nextaccel_jax.models import convert_var
 
   src = convert_var.save_variables(variables, tmp_path / "init", {"source": "test"})
   run = tmp_path / "run"
-  aqvae.train_and_evaluate(_config(data_dir, init_from=str(src), num_train_steps=1), run)
+  aqvae.train_and_evaluate(_config(smoke_data_dir, init_from=str(src), num_train_steps=1), run)
   ckpt = checkpointing.Checkpointer(run)
   restored, _ = ckpt.restore(checkpointing.abstract_like(state), 1)
   ckpt.close()
@@ -147,12 +137,12 @@ def test_unknown_loss_term_is_named():
     aqvae.total_loss(inp, {"nope": 1.0})
 
 
-def test_one_step_updates_generator_and_discriminator_heads(data_dir):
-  config = _config(data_dir)
+def test_one_step_updates_generator_and_discriminator_heads(smoke_data_dir):
+  config = _config(smoke_data_dir)
   config.disc.start_step = 1
   mesh, model, tx, disc, disc_tx, frozen, state, state_sharding = _state(config)
   train_fn, _ = aqvae.jit_steps(config, model, tx, mesh, state_sharding, disc, disc_tx)
-  src = pipeline.load_split("fastmri_brain_multiscale/smoke", "train", data_dir)
+  src = pipeline.load_split("fastmri_brain_multiscale/smoke", "train", smoke_data_dir)
   loader = pipeline.TrainLoader(src, global_batch_size=8, mesh=mesh, seed=0)
   batch = next(loader)
   loader.close()
@@ -176,15 +166,15 @@ def test_one_step_updates_generator_and_discriminator_heads(data_dir):
   assert float(m["adv_on"]) == 1.0
 
 
-def test_adversarial_off_builds_no_discriminator(data_dir):
-  config = _config(data_dir)
+def test_adversarial_off_builds_no_discriminator(smoke_data_dir):
+  config = _config(smoke_data_dir)
   config.loss.adversarial = 0.0
   _, _, _, disc, _, frozen, state, _ = _state(config)
   assert disc is None and state.disc_params == {} and frozen["tower"] == {}
 
 
-def test_missing_tower_weights_file_is_named(data_dir, tmp_path):
-  config = _config(data_dir)
+def test_missing_tower_weights_file_is_named(smoke_data_dir, tmp_path):
+  config = _config(smoke_data_dir)
   config.disc.weights = str(tmp_path / "missing.npz")
   with pytest.raises(FileNotFoundError, match="missing.npz"):
     _state(config)

@@ -9,15 +9,8 @@ import pytest
 from configs import aqvae as aqvae_config
 from configs import transformer as transformer_config
 from nextaccel_jax import checkpointing, sharding
-from nextaccel_jax.data import build, pipeline
+from nextaccel_jax.data import pipeline
 from nextaccel_jax.stages import aqvae, transformer
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("tfds")
-  build.build("smoke", data_dir=d)
-  return str(d)
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +32,7 @@ def _config(role, data_dir, tokenizer_dir, **overrides):
   config = transformer_config.get_config(role, "smoke")
   config.data.data_dir = data_dir
   config.tokenizer_from = tokenizer_dir
-  for k, v in overrides.items():
-    node = config
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  config.update_from_flattened_dict(overrides)
   return config
 
 
@@ -53,8 +41,10 @@ def _train(workdir, key="loss"):
   return {r["step"]: r[key] for r in lines if r.get("split") == "train"}
 
 
-def test_student_smoke_run(data_dir, tokenizer_dir, tmp_path):
-  final = transformer.train_and_evaluate(_config("student", data_dir, tokenizer_dir), tmp_path)
+def test_student_smoke_run(smoke_data_dir, tokenizer_dir, tmp_path):
+  final = transformer.train_and_evaluate(
+    _config("student", smoke_data_dir, tokenizer_dir), tmp_path
+  )
   for key in ["ce", "acc", "recon/ssim", "recon/psnr", "recon/lpips_alex", "zero_filled/ssim"] + [
     f"{m}/scale_{k}" for m in ("ce", "acc") for k in range(1, 6)
   ]:
@@ -69,15 +59,15 @@ def test_student_smoke_run(data_dir, tokenizer_dir, tmp_path):
     assert ckpt.latest_step() == 3
 
 
-def test_teacher_resume_is_exact(data_dir, tokenizer_dir, tmp_path):
+def test_teacher_resume_is_exact(smoke_data_dir, tokenizer_dir, tmp_path):
   # The teacher's prefix noise and dropout keys are functions of (seed, step), so a resumed run
   # repeats the straight run's losses.
   straight, split = tmp_path / "straight", tmp_path / "split"
   kw = dict(num_train_steps=4, **{"eval.every": 0})
-  transformer.train_and_evaluate(_config("teacher", data_dir, tokenizer_dir, **kw), straight)
+  transformer.train_and_evaluate(_config("teacher", smoke_data_dir, tokenizer_dir, **kw), straight)
   for _ in range(2):
     transformer.train_and_evaluate(
-      _config("teacher", data_dir, tokenizer_dir, max_steps_per_run=2, **kw), split
+      _config("teacher", smoke_data_dir, tokenizer_dir, max_steps_per_run=2, **kw), split
     )
   a, b = _train(straight), _train(split)
   assert sorted(b) == [1, 2, 3, 4]
@@ -86,11 +76,11 @@ def test_teacher_resume_is_exact(data_dir, tokenizer_dir, tmp_path):
   assert all(p > 0 for p in _train(straight, "prefix_prob").values())
 
 
-def test_sharded_step_matches_one_device(data_dir, tokenizer_dir):
-  config = _config("student", data_dir, tokenizer_dir)
+def test_sharded_step_matches_one_device(smoke_data_dir, tokenizer_dir):
+  config = _config("student", smoke_data_dir, tokenizer_dir)
   tokenizer = transformer.make_tokenizer(config)
   model = transformer.make_model(config)
-  src = pipeline.load_split("fastmri_brain_multiscale/smoke", "train", data_dir)
+  src = pipeline.load_split("fastmri_brain_multiscale/smoke", "train", smoke_data_dir)
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = jax.make_mesh(
@@ -112,8 +102,8 @@ def test_sharded_step_matches_one_device(data_dir, tokenizer_dir):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p8)
 
 
-def test_frozen_context_encoder_does_not_move(data_dir, tokenizer_dir):
-  config = _config("student", data_dir, tokenizer_dir, trainable_context_encoder=False)
+def test_frozen_context_encoder_does_not_move(smoke_data_dir, tokenizer_dir):
+  config = _config("student", smoke_data_dir, tokenizer_dir, trainable_context_encoder=False)
   mesh = sharding.make_mesh()
   tokenizer = transformer.make_tokenizer(config)
   model = transformer.make_model(config)
@@ -129,7 +119,7 @@ def test_frozen_context_encoder_does_not_move(data_dir, tokenizer_dir):
     jax.device_get(tok_vars["params"]["encoder"]),
   )
   train_fn, _, _ = transformer.jit_steps(config, model, tokenizer, tx, mesh, state_sharding)
-  src = pipeline.load_split("fastmri_brain_multiscale/smoke", "train", data_dir)
+  src = pipeline.load_split("fastmri_brain_multiscale/smoke", "train", smoke_data_dir)
   loader = pipeline.TrainLoader(src, global_batch_size=8, mesh=mesh, seed=0)
   before = jax.device_get(state.params)
   # Two steps: the warm-up gives the first one a zero learning rate.
@@ -142,12 +132,12 @@ def test_frozen_context_encoder_does_not_move(data_dir, tokenizer_dir):
   assert max(jax.tree.leaves(moved)) > 0
 
 
-def test_missing_tokenizer_is_explained(data_dir, tmp_path):
+def test_missing_tokenizer_is_explained(smoke_data_dir, tmp_path):
   with pytest.raises(ValueError, match="tokenizer_from is empty"):
-    transformer.train_and_evaluate(_config("student", data_dir, ""), tmp_path / "a")
+    transformer.train_and_evaluate(_config("student", smoke_data_dir, ""), tmp_path / "a")
   with pytest.raises(FileNotFoundError, match="nowhere"):
     transformer.train_and_evaluate(
-      _config("student", data_dir, str(tmp_path / "nowhere")), tmp_path / "b"
+      _config("student", smoke_data_dir, str(tmp_path / "nowhere")), tmp_path / "b"
     )
 
 

@@ -1,0 +1,63 @@
+"""Evaluation: trained models reconstruct a split at R = 32 under every mask family; PSNR, SSIM
+and LPIPS per slice under both metric protocols, tables per family × contrast like the paper's,
+a per-slice CSV and figure grids (decisions.md §7).
+
+  python -m nextaccel_jax.main --config=configs/eval.py:demo --workdir=runs/eval \
+      --config.models.base=runs/student --config.models.distilled=runs/distill
+  # An exported model (a folder written by nextaccel_jax.export) works the same way:
+  python -m nextaccel_jax.main --config=configs/eval.py:paper --workdir=runs/eval_paper \
+      --config.models.distilled=exports/distilled --config.data.data_dir=$TFDS_DATA_DIR
+
+Each entry of `config.models` names a table row and points at a stage-2/3 workdir (its
+`config.json` names the tokenizer; `config.tokenizer_from` overrides it) or at an export folder.
+Empty entries are skipped.
+"""
+
+import ml_collections
+
+from configs import common
+
+DECODINGS = ("argmax", "multinomial", "top_k", "top_p")
+
+
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+  preset = common.check_preset(arg)
+  config = ml_collections.ConfigDict()
+  config.stage = "evaluate"
+  config.seed = 0
+  batch_size = {"paper": 32, "demo": 8, "smoke": 8}[preset]
+  # The stage reads `config.batch_size`; `data.batch_size` mirrors it for the shared data section.
+  config.data = common.data_config(preset, batch_size=batch_size)
+
+  # Row name → stage-2/3 workdir or export folder, in table order; "" leaves the row out.
+  # Unsorted so that the rows keep the order written here.
+  config.models = ml_collections.ConfigDict(sort_keys=False)
+  config.models.base = ""
+  config.models.distilled = ""
+  # Stage-1 workdir overriding the tokenizer a workdir's config.json names (exports carry theirs).
+  config.tokenizer_from = ""
+
+  config.split = "validation"
+  config.families = ("cartesian_y", "cartesian_x", "gaussian_2d", "radial")
+  # Slices per family, the first ones of the split (0 = all).
+  config.max_records = {"paper": 0, "demo": 0, "smoke": 2}[preset]
+  # Global batch; must be divisible by the number of devices.
+  config.batch_size = batch_size
+  config.protocols = ("paper", "fastmri")
+  config.lpips_nets = ("alex", "vgg") if preset == "paper" else ("alex",)
+
+  # Token selection variants; the first one feeds the figures. The demo adds the sampled ones
+  # for the comparison of the paper's Table 4.
+  config.decoding = DECODINGS if preset == "demo" else ("argmax",)
+  config.sampling = ml_collections.ConfigDict()
+  config.sampling.temperature = 1.0
+  config.sampling.top_k = 50 if preset == "paper" else 8
+  config.sampling.top_p = 0.9
+
+  config.figures = ml_collections.ConfigDict()
+  # Slices per family grid (the first ones in volume order); 0 = no figures.
+  config.figures.num_slices = 4 if preset != "smoke" else 2
+  # Also draw the cumulative per-scale decodings of the first model.
+  config.figures.levels = True
+  config.mesh = [("data", -1)]
+  return config

@@ -1,0 +1,486 @@
+"""Tables, per-slice CSV and figure grids of the evaluation stage, as pure functions of scores.
+
+Shape legend: S slices, K decoded levels, H×W image grid.
+
+Inputs (the evaluation stage builds them; tests can write them by hand):
+
+- `scores`: `{row: {family: {"record": int [N], "<protocol>/<metric>": float [N]}}}`. A row is
+  `"zero_filled"` or `"<model>/<decoding>"` (`row_name`). Under a per-volume protocol
+  (`VOLUME_PROTOCOLS`, i.e. `fastmri`) every slice carries the value of its volume.
+- `slices`: `{record: {"file_name": str, "slice_index": int, "contrast": str}}` for every
+  record that appears in `scores`.
+
+`summarize` turns them into the flat metrics dict that `metrics.json` holds and the tables read:
+`<row>/<family>/<protocol>/<metric>` (mean over all contrasts), with `_std` for the population
+standard deviation, `/n` for the number of slices (volumes under `fastmri`) and the same keys with
+a contrast inserted before the metric (`base/argmax/radial/paper/T1/ssim`). Non-finite values
+(PSNR is +inf for an exact reconstruction) are left out of means; `_nonfinite` keys count them.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+ZERO_FILLED = "zero_filled"
+# Protocols whose unit is the volume: means and standard deviations run over volumes.
+VOLUME_PROTOCOLS = ("fastmri",)
+ALL = "all"
+
+
+def _metric_info(metric: str) -> tuple[str, bool, int]:
+  """`(label, higher_is_better, decimals)` of a metric name."""
+  if metric == "psnr":
+    return "PSNR", True, 2
+  if metric == "ssim":
+    return "SSIM", True, 4
+  if metric == "nmse":
+    return "NMSE", False, 4
+  if metric.startswith("lpips_"):
+    return f"LPIPS-{metric.removeprefix('lpips_')}", False, 4
+  raise ValueError(f"unknown metric {metric!r}; expected psnr, ssim, nmse or lpips_<net>")
+
+
+def row_name(model: str, decoding: str) -> str:
+  return f"{model}/{decoding}"
+
+
+def split_row(row: str) -> tuple[str, str]:
+  """`(model, decoding)` of a row name; the zero-filled row has decoding ""."""
+  if row == ZERO_FILLED:
+    return ZERO_FILLED, ""
+  model, _, decoding = row.partition("/")
+  return model, decoding
+
+
+def row_label(row: str, with_decoding: bool = False) -> str:
+  if row == ZERO_FILLED:
+    return "Zero-filled (R = 32)"
+  model, decoding = split_row(row)
+  return f"{model} ({decoding})" if with_decoding else model
+
+
+# ------------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def _check_columns(row: str, family: str, cols: Mapping) -> np.ndarray:
+  if "record" not in cols:
+    raise ValueError(f"scores[{row!r}][{family!r}] has no 'record' column")
+  records = np.asarray(cols["record"]).astype(np.int64)
+  for key, values in cols.items():
+    if key == "record":
+      continue
+    if key.count("/") != 1:
+      raise ValueError(f"scores[{row!r}][{family!r}]: column {key!r} is not '<protocol>/<metric>'")
+    if np.shape(values) != records.shape:
+      raise ValueError(
+        f"scores[{row!r}][{family!r}][{key!r}] has shape {np.shape(values)}, but 'record' has "
+        f"{records.shape}"
+      )
+  return records
+
+
+def _slice_field(slices: Mapping, records: np.ndarray, field: str) -> np.ndarray:
+  out = []
+  for r in records:
+    info = slices.get(int(r))
+    if info is None:
+      raise ValueError(f"slices has no entry for record {int(r)}")
+    if field not in info:
+      raise ValueError(f"slices[{int(r)}] has no {field!r} field")
+    out.append(info[field])
+  return np.array(out, dtype=object)
+
+
+def _stats(values: np.ndarray) -> tuple[float, float, int]:
+  """Mean and population std of the finite values, and how many values were not finite."""
+  values = np.asarray(values, np.float64)
+  finite = values[np.isfinite(values)]
+  if finite.size == 0:
+    return float("nan"), float("nan"), int(values.size)
+  return float(finite.mean()), float(finite.std()), int(values.size - finite.size)
+
+
+def _per_volume(values: np.ndarray, volumes: np.ndarray) -> np.ndarray:
+  """One value per volume: the mean of its slices' (identical) values."""
+  names = sorted(set(volumes))
+  return np.array([np.mean(values[volumes == v]) for v in names])
+
+
+def summarize(scores: Mapping, slices: Mapping) -> dict[str, float]:
+  """The flat metrics dict (see the module docstring) of per-slice scores.
+
+  Args:
+    scores: `{row: {family: {"record": [N], "<protocol>/<metric>": [N]}}}`.
+    slices: `{record: {"file_name", "slice_index", "contrast"}}`.
+
+  Returns:
+    `{key: float}` with means, `_std`, `/n` and, where any, `_nonfinite` counts.
+
+  Raises:
+    ValueError: For a column that is not `<protocol>/<metric>`, a length mismatch or a record
+      missing from `slices`.
+  """
+  out: dict[str, float] = {}
+  for row, by_family in scores.items():
+    for family, cols in by_family.items():
+      records = _check_columns(row, family, cols)
+      contrast = _slice_field(slices, records, "contrast")
+      volume = _slice_field(slices, records, "file_name")
+      groups = [(None, np.ones(records.shape, bool))]
+      groups += [(c, contrast == c) for c in sorted(set(contrast))]
+      for key, values in cols.items():
+        if key == "record":
+          continue
+        protocol, metric = key.split("/")
+        values = np.asarray(values, np.float64)
+        for c, sel in groups:
+          prefix = f"{row}/{family}/{protocol}" + (f"/{c}" if c is not None else "")
+          v = values[sel]
+          if protocol in VOLUME_PROTOCOLS:
+            v = _per_volume(v, volume[sel])
+          mean, std, bad = _stats(v)
+          out[f"{prefix}/{metric}"] = mean
+          out[f"{prefix}/{metric}_std"] = std
+          out[f"{prefix}/n"] = int(v.size)
+          if bad:
+            out[f"{prefix}/{metric}_nonfinite"] = bad
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _cells(
+  metrics: Mapping, rows: Sequence[str], columns: Sequence[tuple[str, str]]
+) -> list[list[str]]:
+  """Formatted `mean ± std` cells (rows × columns) with the best value per column in bold.
+
+  A column is `(key prefix after the row, metric)`; missing entries show as "–". Best is judged
+  on the displayed (rounded) means, so equal-looking values are bold together.
+  """
+  table = [["–"] * len(columns) for _ in rows]
+  for j, (prefix, metric) in enumerate(columns):
+    _, higher, decimals = _metric_info(metric)
+    means = {}
+    for i, row in enumerate(rows):
+      mean = metrics.get(f"{row}/{prefix}/{metric}")
+      if mean is None or not np.isfinite(mean):
+        continue
+      std = metrics.get(f"{row}/{prefix}/{metric}_std", float("nan"))
+      means[i] = round(float(mean), decimals)
+      table[i][j] = f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+    if means:
+      best = (max if higher else min)(means.values())
+      for i, m in means.items():
+        if m == best:
+          table[i][j] = f"**{table[i][j]}**"
+  return table
+
+
+def _markdown(header: Sequence[str], labels: Sequence[str], cells: list[list[str]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "| --- |" + " :-: |" * (len(header) - 1)]
+  for label, row in zip(labels, cells, strict=True):
+    lines.append("| " + " | ".join([label, *row]) + " |")
+  return "\n".join(lines)
+
+
+def _metric_header(metric: str) -> str:
+  label, higher, _ = _metric_info(metric)
+  return f"{label} {'↑' if higher else '↓'}"
+
+
+def family_table(
+  metrics: Mapping,
+  rows: Sequence[str],
+  family: str,
+  protocol: str,
+  contrasts: Sequence[str],
+  metric_names: Sequence[str],
+) -> str:
+  """One markdown table like the paper's: rows = methods, columns = contrast × metric + "all".
+
+  Args:
+    metrics: the flat dict of `summarize`.
+    rows: row names, top to bottom (normally the zero-filled row, then the models).
+    family: the mask family.
+    protocol: the metric protocol.
+    contrasts: contrast names (columns), in order; "all" is appended when there are several.
+    metric_names: metrics per contrast, e.g. `("psnr", "ssim", "lpips_alex")`.
+  """
+  columns, header = [], ["Method"]
+  # With one contrast its columns already are the "all" columns.
+  groups = (*contrasts, ALL) if len(contrasts) != 1 else tuple(contrasts)
+  for c in groups:
+    prefix = f"{family}/{protocol}" + ("" if c == ALL else f"/{c}")
+    for m in metric_names:
+      columns.append((prefix, m))
+      header.append(f"{c} {_metric_header(m)}")
+  labels = [row_label(r) for r in rows]
+  return _markdown(header, labels, _cells(metrics, rows, columns))
+
+
+def decoding_table(
+  metrics: Mapping,
+  rows: Sequence[str],
+  families: Sequence[str],
+  protocol: str,
+  metric_names: Sequence[str],
+) -> str:
+  """Markdown table of decoding variants: rows = model × decoding, columns = family × metric
+  over all contrasts."""
+  columns, header = [], ["Model (decoding)"]
+  for f in families:
+    for m in metric_names:
+      columns.append((f"{f}/{protocol}", m))
+      header.append(f"{f} {_metric_header(m)}")
+  labels = [row_label(r, with_decoding=True) for r in rows]
+  return _markdown(header, labels, _cells(metrics, rows, columns))
+
+
+def render_report(
+  metrics: Mapping,
+  *,
+  header: Mapping[str, str],
+  models: Sequence[str],
+  decodings: Sequence[str],
+  families: Sequence[str],
+  protocols: Sequence[str],
+  contrasts: Sequence[str],
+  metric_names: Sequence[str],
+  title: str = "Evaluation",
+) -> str:
+  """The whole `report.md`.
+
+  Args:
+    metrics: the flat dict of `summarize`.
+    header: `{field: text}` lines of the header, in order (dataset, split, models, ...).
+    models: model names in row order.
+    decodings: decoding variants; the first fills the per-family tables.
+    families, protocols: what was evaluated.
+    contrasts: contrast names present, in dataset order.
+    metric_names: metrics of the tables, e.g. `("psnr", "ssim", "lpips_alex")`.
+    title: the level-1 heading.
+  """
+  lines = [f"# {title}", ""]
+  lines += [f"- **{k}**: {v}" for k, v in header.items()]
+  lines.append("")
+  lines.append(
+    "Mean ± std (population). The `paper` protocol scores each slice with both images over their "
+    "own maximum; `fastmri` scores whole volumes (data range = target volume maximum), so its "
+    "mean and std run over volumes. Best value per column in bold."
+  )
+  main_rows = [ZERO_FILLED] + [row_name(m, decodings[0]) for m in models]
+  all_rows = [row_name(m, d) for m in models for d in decodings]
+  for protocol in protocols:
+    lines += ["", f"## Protocol `{protocol}`"]
+    for family in families:
+      lines += ["", f"### {family} (decoding: {decodings[0]})", ""]
+      lines.append(family_table(metrics, main_rows, family, protocol, contrasts, metric_names))
+    if len(decodings) > 1:
+      lines += ["", f"### Decoding variants (`{protocol}`, all contrasts)", ""]
+      lines.append(decoding_table(metrics, all_rows, families, protocol, metric_names))
+  bad = sorted(k for k in metrics if k.endswith("_nonfinite"))
+  if bad:
+    lines += ["", "Non-finite values left out of the means:"]
+    lines += [f"- `{k.removesuffix('_nonfinite')}`: {int(metrics[k])}" for k in bad]
+  return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# CSV
+
+CSV_META = ("model", "decoding", "family", "record", "file_name", "slice_index", "contrast")
+
+
+def csv_rows(scores: Mapping, slices: Mapping) -> tuple[list[str], list[dict]]:
+  """`(columns, rows)` of the per-slice table: one row per row-name × family × slice.
+
+  Score columns are `<protocol>_<metric>`, sorted; a score a row lacks is left empty.
+  """
+  score_keys = sorted(
+    {k for by_family in scores.values() for cols in by_family.values() for k in cols} - {"record"}
+  )
+  columns = list(CSV_META) + [k.replace("/", "_") for k in score_keys]
+  out = []
+  for row, by_family in scores.items():
+    model, decoding = split_row(row)
+    for family, cols in by_family.items():
+      records = _check_columns(row, family, cols)
+      for i, r in enumerate(records):
+        info = slices.get(int(r))
+        if info is None:
+          raise ValueError(f"slices has no entry for record {int(r)}")
+        line = {
+          "model": model,
+          "decoding": decoding,
+          "family": family,
+          "record": int(r),
+          "file_name": info["file_name"],
+          "slice_index": int(info["slice_index"]),
+          "contrast": info["contrast"],
+        }
+        for k in score_keys:
+          line[k.replace("/", "_")] = repr(float(cols[k][i])) if k in cols else ""
+        out.append(line)
+  return columns, out
+
+
+def write_csv(path: str | os.PathLike, scores: Mapping, slices: Mapping) -> int:
+  """Writes `per_slice.csv`; returns the number of data rows."""
+  columns, rows = csv_rows(scores, slices)
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  return len(rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+
+# Pixel layout of the grids: square panels under a strip of column titles.
+PANEL_PX = 160
+TITLE_PX = 40
+_DPI = 100
+
+
+def grid_size(rows: int, cols: int) -> tuple[int, int]:
+  """`(width, height)` in pixels of a figure grid with `rows` × `cols` panels."""
+  return cols * PANEL_PX, rows * PANEL_PX + TITLE_PX
+
+
+def _check_stack(name: str, x, shape=None) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  if x.ndim != 3:
+    raise ValueError(f"{name} must be [S, H, W] magnitudes, got shape {x.shape}")
+  if shape is not None and x.shape != shape:
+    raise ValueError(f"{name} has shape {x.shape}, expected {shape} like the target")
+  return x
+
+
+def _draw_grid(
+  path: str | os.PathLike,
+  panels: list[list[tuple[np.ndarray, str, float]]],
+  titles: Sequence[str],
+  row_labels: Sequence[str],
+  suptitle: str,
+) -> tuple[int, int]:
+  """Draws `panels[row][col] = (image, cmap, vmax)` with column titles; returns the pixel size."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  rows, cols = len(panels), len(titles)
+  width, height = grid_size(rows, cols)
+  fig = plt.figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor="black")
+  try:
+    fig.text(0.5, 1 - 12 / height, suptitle, ha="center", va="center", color="white", fontsize=8)
+    for j, title in enumerate(titles):
+      x = (j + 0.5) * PANEL_PX / width
+      fig.text(x, 1 - 30 / height, title, ha="center", va="center", color="white", fontsize=7)
+    for i, row in enumerate(panels):
+      for j, (image, cmap, vmax) in enumerate(row):
+        rect = (j * PANEL_PX / width, 1 - (TITLE_PX + (i + 1) * PANEL_PX) / height)
+        ax = fig.add_axes((*rect, PANEL_PX / width, PANEL_PX / height))
+        ax.imshow(image, cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
+        ax.set_axis_off()
+        if j == 0 and row_labels:
+          ax.text(2, 2, row_labels[i], color="yellow", fontsize=6, va="top", ha="left")
+    fig.savefig(path, dpi=_DPI, facecolor="black")
+  finally:
+    plt.close(fig)
+  return width, height
+
+
+def family_figure(
+  path: str | os.PathLike,
+  input_SHW,
+  recons: Mapping[str, np.ndarray],
+  target_SHW,
+  *,
+  row_labels: Sequence[str] = (),
+  title: str = "",
+) -> tuple[int, int]:
+  """PNG grid: rows = slices; columns = R = 32 input, each model's reconstruction and its error
+  map |recon − target|, target.
+
+  Each row is shown over its target's maximum; the error maps of the whole figure share one
+  colour scale (given in the title line).
+
+  Args:
+    path: the PNG to write.
+    input_SHW: zero-filled R = 32 magnitudes.
+    recons: `{column name: [S, H, W] magnitudes}` in column order.
+    target_SHW: fully sampled magnitudes.
+    row_labels: one short label per slice (drawn on the input panel).
+    title: text in front of the error-scale note.
+
+  Returns:
+    `(width, height)` of the PNG in pixels (`grid_size(S, 2 + 2 · len(recons))`).
+  """
+  target = _check_stack("target_SHW", target_SHW)
+  inp = _check_stack("input_SHW", input_SHW, target.shape)
+  recons = {k: _check_stack(f"recons[{k!r}]", v, target.shape) for k, v in recons.items()}
+  if row_labels and len(row_labels) != target.shape[0]:
+    raise ValueError(f"row_labels has {len(row_labels)} entries for {target.shape[0]} slices")
+  peak = np.maximum(target.max(axis=(1, 2), keepdims=True), 1e-12)
+  errors = {k: np.abs(v - target) / peak for k, v in recons.items()}
+  err_max = max([float(e.max()) for e in errors.values()] + [1e-6])
+  panels = []
+  for s in range(target.shape[0]):
+    row = [(inp[s] / peak[s], "gray", 1.0)]
+    for k, v in recons.items():
+      row += [(v[s] / peak[s], "gray", 1.0), (errors[k][s], "inferno", err_max)]
+    row.append((target[s] / peak[s], "gray", 1.0))
+    panels.append(row)
+  titles = ["R = 32 input"]
+  for k in recons:
+    titles += [k, f"|error| {k}"]
+  titles.append("target (FS)")
+  note = f"error maps: 0 … {err_max:.3g} of the target maximum"
+  return _draw_grid(path, panels, titles, row_labels, f"{title}  ({note})" if title else note)
+
+
+def levels_figure(
+  path: str | os.PathLike,
+  input_SHW,
+  levels_SKHW,
+  target_SHW,
+  *,
+  level_names: Sequence[str] = (),
+  row_labels: Sequence[str] = (),
+  title: str = "",
+) -> tuple[int, int]:
+  """PNG grid of the cumulative per-scale decodings: rows = slices; columns = R = 32 input,
+  level 0..K−1 (the image the first k + 1 token scales decode to), target.
+
+  Returns:
+    `(width, height)` of the PNG in pixels (`grid_size(S, K + 2)`).
+  """
+  target = _check_stack("target_SHW", target_SHW)
+  inp = _check_stack("input_SHW", input_SHW, target.shape)
+  levels = np.asarray(levels_SKHW, np.float64)
+  if levels.ndim != 4 or levels.shape[:1] + levels.shape[2:] != target.shape:
+    raise ValueError(
+      f"levels_SKHW has shape {levels.shape}; expected [S, K, H, W] with target's S, H, W"
+    )
+  k = levels.shape[1]
+  names = list(level_names) or [f"scales ≤ {i}" for i in range(k)]
+  if len(names) != k:
+    raise ValueError(f"level_names has {len(names)} entries for {k} levels")
+  peak = np.maximum(target.max(axis=(1, 2), keepdims=True), 1e-12)
+  panels = []
+  for s in range(target.shape[0]):
+    row = [(inp[s] / peak[s], "gray", 1.0)]
+    row += [(levels[s, i] / peak[s], "gray", 1.0) for i in range(k)]
+    row.append((target[s] / peak[s], "gray", 1.0))
+    panels.append(row)
+  titles = ["R = 32 input", *names, "target (FS)"]
+  return _draw_grid(path, panels, titles, row_labels, title or "cumulative token scales")

@@ -1,0 +1,474 @@
+"""The evaluation stage: trained models against the zero-filled baseline at R = 32.
+
+Design: decisions.md §7.
+
+  python -m nextaccel_jax.main --config=configs/eval.py:demo --workdir=runs/eval \
+      --config.models.base=runs/student --config.models.distilled=runs/distill
+
+Every model of `config.models` (a stage-2/3 workdir or an export folder, see
+`load_reconstructor`) reconstructs every slice of `config.split` from its R = 32 image under each
+mask family and each decoding variant (argmax, or sampling with a seed fixed per batch). The
+magnitudes are scored against the fully sampled level with PSNR, SSIM, NMSE and LPIPS under the
+`paper` protocol (per slice) and the `fastmri` protocol (per volume, grouped by `file_name`). The
+zero-filled R = 32 image is the baseline row.
+
+The loader visits each family's records sorted by (file_name, slice_index), so a volume's slices
+arrive together and are scored as soon as the last one is in; only the open volumes and the
+figure slices stay in host memory.
+
+Writes into the workdir: `report.md` (tables per protocol × family like the paper's),
+`per_slice.csv`, `metrics.json` and `final_metrics.json` (the flat metrics; the second marks the
+stage as complete), and `figures/<family>.png` (+ `figures/<family>_levels.png`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from collections.abc import Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from nextaccel_jax import inference, losses, sharding
+from nextaccel_jax.data import fastmri, masks, pipeline, prepare
+from nextaccel_jax.evaluation import lpips_metric, report
+from nextaccel_jax.evaluation import metrics as np_metrics
+from nextaccel_jax.stages import common
+
+DECODINGS = ("argmax", "multinomial", "top_k", "top_p")
+LEVEL_NAMES = ("Q32", "+Q16", "+Q8", "+Q4", "+Q2", "+QFS")
+
+
+# ------------------------------------------------------------------------------------------------
+# Models and settings
+
+
+def load_reconstructor(source: str, tokenizer_from: str = "") -> inference.Reconstructor:
+  """A `Reconstructor` from a stage-2/3 workdir or an export folder.
+
+  Args:
+    source: a folder holding `config.json` (a stage-2/3 workdir; its best checkpoint is used)
+      or an export folder written by `nextaccel_jax.export`.
+    tokenizer_from: stage-1 workdir overriding the tokenizer named in a workdir's config.json;
+      exports carry their tokenizer, so it is ignored for them.
+
+  Raises:
+    FileNotFoundError: If `source` does not exist.
+  """
+  path = os.path.expanduser(source)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{source}: no such stage-2/3 workdir or export folder")
+  if os.path.isfile(os.path.join(path, "config.json")):
+    return inference.Reconstructor.from_workdirs(path, tokenizer_from or None)
+  if tokenizer_from:
+    logging.info("%s is an export with its own tokenizer; tokenizer_from is ignored", source)
+  return inference.Reconstructor.from_export(path)
+
+
+def model_sources(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+  """The non-empty `(name, source)` entries of `config.models`, in order."""
+  models = config.get("models")
+  if models is None:
+    raise ValueError("config.models is missing: name → workdir or export folder")
+  out = []
+  for name, source in models.items():
+    if not isinstance(source, str):
+      raise ValueError(f"config.models.{name} must be a path string, got {source!r}")
+    if name == report.ZERO_FILLED or "/" in name:
+      raise ValueError(
+        f"config.models.{name}: the name must not be {report.ZERO_FILLED!r} or hold '/'"
+      )
+    if source:
+      out.append((name, source))
+  if not out:
+    names = ", ".join(f"config.models.{n}" for n in models.keys()) or "config.models.<name>"
+    raise ValueError(
+      f"config.models has no model to evaluate: set at least one of {names} to a stage-2/3 "
+      "workdir or export folder, e.g. --config.models.base=runs/student"
+    )
+  return out
+
+
+def sampling_variants(
+  config: ml_collections.ConfigDict,
+) -> list[tuple[str, inference.SamplingConfig]]:
+  """`(name, SamplingConfig)` of each entry of `config.decoding`."""
+  decoding = config.decoding
+  names = (decoding,) if isinstance(decoding, str) else tuple(decoding)
+  if not names:
+    raise ValueError(f"config.decoding is empty; choose from {', '.join(DECODINGS)}")
+  if len(set(names)) != len(names):
+    raise ValueError(f"config.decoding lists a variant twice: {names}")
+  s = config.sampling
+  if not s.temperature > 0:
+    raise ValueError(f"config.sampling.temperature must be positive, got {s.temperature}")
+  out = []
+  for name in names:
+    if name == "argmax":
+      out.append((name, inference.ARGMAX))
+    elif name == "multinomial":
+      out.append((name, inference.SamplingConfig(greedy=False, temperature=s.temperature)))
+    elif name == "top_k":
+      if s.top_k < 1:
+        raise ValueError(f"config.sampling.top_k must be >= 1 for top_k decoding, got {s.top_k}")
+      out.append(
+        (name, inference.SamplingConfig(greedy=False, temperature=s.temperature, top_k=s.top_k))
+      )
+    elif name == "top_p":
+      if not 0.0 < s.top_p < 1.0:
+        raise ValueError(
+          f"config.sampling.top_p must be in (0, 1) for top_p decoding, got {s.top_p}"
+        )
+      out.append(
+        (name, inference.SamplingConfig(greedy=False, temperature=s.temperature, top_p=s.top_p))
+      )
+    else:
+      raise ValueError(f"config.decoding has unknown variant {name!r}; choose from {DECODINGS}")
+  return out
+
+
+def _settings(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], ...]:
+  """Validated `(families, protocols, lpips_nets)`."""
+  try:
+    families = tuple(masks.canonical_family(f) for f in config.families)
+  except ValueError as e:
+    raise ValueError(f"config.families: {e}") from e
+  if not families or len(set(families)) != len(families):
+    raise ValueError(f"config.families must list distinct mask families, got {config.families}")
+  protocols = tuple(config.protocols)
+  bad = [p for p in protocols if p not in np_metrics.PROTOCOLS]
+  if bad or not protocols:
+    raise ValueError(
+      f"config.protocols must be a non-empty subset of {np_metrics.PROTOCOLS}, got {protocols}"
+    )
+  nets = tuple(config.lpips_nets)
+  bad = [n for n in nets if n not in lpips_metric.NETS]
+  if bad:
+    raise ValueError(f"config.lpips_nets has unknown nets {bad}; choose from {lpips_metric.NETS}")
+  return families, protocols, nets
+
+
+def _check_batch(batch_size: int, mesh) -> None:
+  devices = mesh.shape[sharding.DATA_AXIS]
+  if batch_size < 1 or batch_size % devices:
+    raise ValueError(
+      f"config.batch_size={batch_size} must be a positive multiple of the {devices} devices of "
+      "the data mesh axis"
+    )
+
+
+def _replicate(rec: inference.Reconstructor, mesh) -> inference.Reconstructor:
+  """Places the variables on every device, next to the sharded batches."""
+  repl = sharding.replicated(mesh)
+  rec.tokenizer_variables = jax.device_put(rec.tokenizer_variables, repl)
+  rec.transformer_variables = jax.device_put(rec.transformer_variables, repl)
+  return rec
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def contrast_names(source) -> tuple[str, ...]:
+  """Names of the dataset's `contrast` ClassLabel (the builder's contrast groups if unknown)."""
+  info = getattr(source, "dataset_info", None)
+  try:
+    return tuple(info.features["contrast"].names)
+  except (AttributeError, KeyError, TypeError):
+    return tuple(fastmri.CONTRAST_GROUPS)
+
+
+def slice_table(source, num_records: int, names: Sequence[str]) -> dict[int, dict]:
+  """`{record: {"file_name", "slice_index", "contrast"}}` of the first `num_records` records."""
+  out = {}
+  for i in range(num_records):
+    ex = source[i]
+    try:
+      contrast = int(ex["contrast"])
+      out[i] = {
+        "file_name": _text(ex["file_name"]),
+        "slice_index": int(ex["slice_index"]),
+        "contrast": names[contrast] if 0 <= contrast < len(names) else str(contrast),
+      }
+    except KeyError as e:
+      raise ValueError(
+        f"record {i} of the split has no field {e}; rebuild the dataset with the current "
+        "fastmri_brain_multiscale builder"
+      ) from e
+  return out
+
+
+def _open_split(config: ml_collections.ConfigDict, workdir):
+  data_dir = prepare.data_dir_for(config, workdir)
+  if config.data.build:
+    prepare.build_from_config(config, data_dir)
+  name = prepare.dataset_name(config)
+  return pipeline.load_split(name, config.split, data_dir), name, data_dir
+
+
+def _host(x) -> np.ndarray:
+  """A global array as one numpy array on every process."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring
+
+
+class VolumeScorer:
+  """Collects magnitudes per (row, family, volume) and scores each volume once it is complete.
+
+  Attributes:
+    scores: `{row: {family: {"record": [...], "<protocol>/<metric>": [...]}}}` (lists until
+      `result`), the input of the `report` functions.
+  """
+
+  def __init__(self, slices: Mapping[int, dict], protocols: Sequence[str], nets: Sequence[str]):
+    self.slices = slices
+    self.protocols = tuple(protocols)
+    self.nets = tuple(nets)
+    self.volume_size: dict[str, int] = {}
+    for info in slices.values():
+      self.volume_size[info["file_name"]] = self.volume_size.get(info["file_name"], 0) + 1
+    self._open: dict[tuple, list] = {}
+    self.scores: dict[str, dict] = {}
+
+  def add(self, row: str, family: str, record: int, pred_HW: np.ndarray, target_HW: np.ndarray):
+    volume = self.slices[record]["file_name"]
+    key = (row, family, volume)
+    buf = self._open.setdefault(key, [])
+    buf.append((record, pred_HW, target_HW))
+    if len(buf) == self.volume_size[volume]:
+      self._score(row, family, self._open.pop(key))
+
+  def _score(self, row: str, family: str, buf: list):
+    buf.sort(key=lambda item: self.slices[item[0]]["slice_index"])
+    records = [r for r, _, _ in buf]
+    pred_SHW = np.stack([p for _, p, _ in buf])
+    target_SHW = np.stack([t for _, _, t in buf])
+    cols = self.scores.setdefault(row, {}).setdefault(family, {"record": []})
+    cols["record"].extend(records)
+    for protocol in self.protocols:
+      try:
+        values = np_metrics.evaluate_slices(target_SHW, pred_SHW, protocol, lpips=self.nets)
+      except ValueError as e:
+        volume = self.slices[records[0]]["file_name"]
+        e.add_note(f"while scoring {row} on {volume} ({family}, records {records}, {protocol})")
+        raise
+      for metric, v in values.items():
+        # Per-volume protocols give one number; every slice of the volume carries it.
+        v = np.broadcast_to(np.asarray(v, np.float64), (len(records),))
+        cols.setdefault(f"{protocol}/{metric}", []).extend(v.tolist())
+
+  def result(self) -> dict:
+    if self._open:
+      row, family, volume = next(iter(self._open))
+      raise RuntimeError(f"volume {volume} of {row}/{family} never received all its slices")
+    return {
+      row: {f: {k: np.asarray(v) for k, v in cols.items()} for f, cols in by_family.items()}
+      for row, by_family in self.scores.items()
+    }
+
+
+def _sampling_note(s: inference.SamplingConfig) -> str:
+  if s.greedy:
+    return ""
+  parts = [f"T = {s.temperature:g}"]
+  if s.top_k:
+    parts.append(f"k = {s.top_k}")
+  if s.top_p:
+    parts.append(f"p = {s.top_p:g}")
+  return f" ({', '.join(parts)})"
+
+
+def _row_label(info: dict) -> str:
+  name = info["file_name"].removeprefix("file_brain_").removesuffix(".h5")
+  return f"{name}/{info['slice_index']} {info['contrast']}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+  """Evaluates `config.models` on `config.split`; writes the report files and returns the flat
+  metrics (keys like `distilled/argmax/gaussian_2d/paper/ssim` and `zero_filled/...`)."""
+  start_time = time.time()
+  workdir = pathlib.Path(workdir)
+  models = model_sources(config)
+  decodings = sampling_variants(config)
+  families, protocols, nets = _settings(config)
+  mesh = sharding.make_mesh(config.get("mesh") or None)
+  _check_batch(config.batch_size, mesh)
+  if config.max_records < 0:
+    raise ValueError(f"config.max_records must be >= 0 (0 = all), got {config.max_records}")
+  chief = jax.process_index() == 0
+  if chief:
+    workdir.mkdir(parents=True, exist_ok=True)
+
+  source, dataset, data_dir = _open_split(config, workdir)
+  num = len(source) if not config.max_records else min(config.max_records, len(source))
+  if num == 0:
+    raise ValueError(f"split {config.split!r} of {dataset} in {data_dir} has no records")
+  names = contrast_names(source)
+  slices = slice_table(source, num, names)
+  order = sorted(slices, key=lambda r: (slices[r]["file_name"], slices[r]["slice_index"]))
+
+  recs = {}
+  for name, src in models:
+    try:
+      rec = load_reconstructor(src, config.tokenizer_from)
+    except Exception as e:
+      e.add_note(f"while loading config.models.{name}={src}")
+      raise
+    if getattr(rec.transformer, "role", "student") != "student":
+      raise ValueError(
+        f"config.models.{name}={src} is a {rec.transformer.role}; its context is the fully "
+        "sampled image, so it cannot reconstruct from R = 32 alone. Evaluate students."
+      )
+    recs[name] = _replicate(rec, mesh)
+
+  loader = pipeline.EvalLoader(
+    source, global_batch_size=config.batch_size, mesh=mesh, families=families, max_records=num
+  )
+  # Volume order within each family, so volumes complete early and leave memory (the loader's
+  # own order is the split's, which TFDS shuffles).
+  loader.items = [(f, i) for f in loader.families for i in order]
+
+  num_fig = max(0, int(config.figures.num_slices))
+  fig_records = set(order[:num_fig])
+  want_levels = bool(config.figures.levels) and num_fig > 0
+  figs = {f: {"input": {}, "target": {}, "recon": {}, "levels": {}} for f in families}
+  first_model, first_decoding = models[0][0], decodings[0][0]
+  scorer = VolumeScorer(slices, protocols, nets)
+  magnitude = jax.jit(losses.magnitude)
+
+  logging.info(
+    "evaluating %s × %s on %d slices × %d families of %s/%s (%d batches of %d)",
+    [m for m, _ in models],
+    [d for d, _ in decodings],
+    num,
+    len(families),
+    dataset,
+    config.split,
+    len(loader),
+    config.batch_size,
+  )
+  with common.Progress(len(loader), desc="evaluate") as bar:
+    for k, batch in enumerate(loader):
+      valid = _host(batch["valid"])
+      record = _host(batch["record"])
+      fam_ids = _host(batch["family"])
+      rows = [(i, masks.FAMILIES[int(fam_ids[i])], int(record[i])) for i in np.flatnonzero(valid)]
+      x_r32 = batch["levels"][:, 0]
+      zero = _host(magnitude(x_r32))
+      target = _host(magnitude(batch["levels"][:, -1]))
+      for i, fam, r in rows:
+        scorer.add(report.ZERO_FILLED, fam, r, zero[i], target[i])
+        if r in fig_records:
+          figs[fam]["input"][r] = zero[i]
+          figs[fam]["target"][r] = target[i]
+      has_fig = any(r in fig_records for _, _, r in rows)
+      for name, rec in recs.items():
+        for dec, sampling in decodings:
+          rng = None if sampling.greedy else jax.random.fold_in(jax.random.key(config.seed), k)
+          levels = want_levels and has_fig and (name, dec) == (first_model, first_decoding)
+          out = rec.reconstruct(
+            x_r32, batch["family"], rng=rng, sampling=sampling, return_intermediates=levels
+          )
+          if levels:
+            x_hat, aux = out
+            levels_BKHW = _host(magnitude(aux["levels_BKHW2"]))
+          else:
+            x_hat = out
+          pred = _host(magnitude(x_hat))
+          row = report.row_name(name, dec)
+          for i, fam, r in rows:
+            scorer.add(row, fam, r, pred[i], target[i])
+            if r in fig_records and dec == first_decoding:
+              figs[fam]["recon"].setdefault(name, {})[r] = pred[i]
+              if levels:
+                figs[fam]["levels"][r] = levels_BKHW[i]
+      bar.update(k + 1)
+  scores = scorer.result()
+  metrics = report.summarize(scores, slices)
+  wall = time.time() - start_time
+
+  num_volumes = len({info["file_name"] for info in slices.values()})
+  present = {info["contrast"] for info in slices.values()}
+  contrasts = [c for c in names if c in present] + sorted(present - set(names))
+  metric_names = ("psnr", "ssim") + tuple(f"lpips_{n}" for n in nets)
+  sampling_note = ", ".join(f"{d}{_sampling_note(s)}" for d, s in decodings)
+  header = {
+    "Dataset": f"{dataset} ({data_dir})",
+    "Split": config.split,
+    "Slices": f"{num} per family (volumes: {num_volumes}), {len(families)} families, R = 32 input",
+    "Models": "; ".join(f"{n} ← `{s}`" for n, s in models),
+    "Tokenizer override": config.tokenizer_from or "none",
+    "Decoding": sampling_note,
+    "Seed": str(config.seed),
+    "LPIPS": ", ".join(nets) or "off",
+    "Devices": f"{jax.device_count()} × {jax.devices()[0].platform}",
+    "Wall time": f"{wall:.1f} s",
+  }
+  if chief:
+    text = report.render_report(
+      metrics,
+      header=header,
+      models=[m for m, _ in models],
+      decodings=[d for d, _ in decodings],
+      families=families,
+      protocols=protocols,
+      contrasts=contrasts,
+      metric_names=metric_names,
+    )
+    (workdir / "report.md").write_text(text)
+    report.write_csv(workdir / "per_slice.csv", scores, slices)
+    _write_figures(workdir / "figures", figs, order[:num_fig], slices, want_levels, first_model)
+    blob = json.dumps(metrics, indent=2)
+    (workdir / "metrics.json").write_text(blob)
+    (workdir / "final_metrics.json").write_text(blob)
+    logging.info("evaluation report written to %s (%.1f s)", workdir / "report.md", wall)
+  return metrics
+
+
+def _write_figures(folder, figs, records, slices, want_levels: bool, first_model: str):
+  if not records:
+    return
+  folder.mkdir(parents=True, exist_ok=True)
+  labels = [_row_label(slices[r]) for r in records]
+  for family, f in figs.items():
+    recons = {m: np.stack([by_rec[r] for r in records]) for m, by_rec in f["recon"].items()}
+    inputs = np.stack([f["input"][r] for r in records])
+    target = np.stack([f["target"][r] for r in records])
+    report.family_figure(
+      folder / f"{family}.png", inputs, recons, target, row_labels=labels, title=family
+    )
+    if want_levels and f["levels"]:
+      levels = np.stack([f["levels"][r] for r in records])
+      k = levels.shape[1]
+      report.levels_figure(
+        folder / f"{family}_levels.png",
+        inputs,
+        levels,
+        target,
+        level_names=LEVEL_NAMES if k == len(LEVEL_NAMES) else (),
+        row_labels=labels,
+        title=f"{family}: {first_model}, cumulative token scales",
+      )
+
+
+train_and_evaluate = run

@@ -1,0 +1,71 @@
+"""Cheap random variables for tests and benchmarks.
+
+Initialising a module runs (and on first use compiles) every initializer, which on CPU can take
+far longer than the computation a test or benchmark is about. The helpers here take only the
+shapes, from `jax.eval_shape` (tracing, no compile), and fill them from numpy:
+
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  variables = testing.random_like(abstract, seed=0)
+
+The values follow fixed rules (below) rather than each module's initializers, so use these where
+the initial values themselves are not under test.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nextaccel_jax.models import aqvae
+
+
+def random_like(abstract_tree: Any, seed: int) -> Any:
+  """A tree of float32 `jnp` arrays with the shapes of `abstract_tree`, filled from numpy.
+
+  By the last key of each leaf's path:
+
+  - leaves under a `film` module, `bias` and `cluster_size`: zeros (`cluster_size`: ones, so that
+    EMA code books do not divide by zero);
+  - `scale`: ones;
+  - everything else (kernels, embeddings, code books): standard normal, kernels divided by the
+    square root of their fan-in (the product of all dimensions but the last), so activations stay
+    unit-scale and tokens vary.
+
+  Args:
+    abstract_tree: nested dicts of leaves with a `.shape` (e.g. `jax.ShapeDtypeStruct` from
+      `jax.eval_shape` of a Flax `init`).
+    seed: the numpy generator's seed; leaves draw in `jax.tree` order, so the same tree and seed
+      give the same values.
+
+  Returns:
+    A tree of the same structure holding `jnp.ndarray`s.
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    name, last = jax.tree_util.keystr(path), path[-1].key
+    if "film" in name or last in ("bias", "cluster_size"):
+      return np.zeros(s.shape, np.float32) + (last == "cluster_size")
+    if last == "scale":
+      return np.ones(s.shape, np.float32)
+    fan_in = math.prod(s.shape[:-1]) if last == "kernel" else 1
+    return (rng.standard_normal(s.shape) / math.sqrt(fan_in)).astype(np.float32)
+
+  return jax.tree.map(jnp.asarray, jax.tree.map_with_path(fill, abstract_tree))
+
+
+def random_tokenizer_variables(model: aqvae.AQVAE, image_size: int, seed: int = 0) -> dict:
+  """`{"params", "vq_ema"}` for `model` on images of side `image_size`, from `random_like`.
+
+  The EMA code book's running sum `embed_avg` equals its `embed`, as after a real initialisation
+  (a separate array, so that either may be donated).
+  """
+  abstract = jax.eval_shape(lambda: aqvae.init_variables(model, jax.random.key(0), image_size))
+  variables = random_like(dict(abstract), seed)
+  quantize = variables["vq_ema"]["quantize"]
+  quantize["embed_avg"] = jnp.array(quantize["embed"], copy=True)
+  return variables

@@ -1,0 +1,186 @@
+"""Evaluation report writers: aggregation, markdown tables, per-slice CSV and figure grids."""
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nextaccel_jax.evaluation import report
+
+# Three records: two slices of a T1 volume, one slice of a T2 volume.
+SLICES = {
+  0: {"file_name": "file_brain_AXT1_1.h5", "slice_index": 0, "contrast": "T1"},
+  1: {"file_name": "file_brain_AXT1_1.h5", "slice_index": 1, "contrast": "T1"},
+  2: {"file_name": "file_brain_AXT2_2.h5", "slice_index": 0, "contrast": "T2"},
+}
+
+
+def _cols(paper_psnr, fastmri_psnr, ssim=(0.5, 0.6, 0.7), lpips=(0.3, 0.2, 0.1), records=(0, 1, 2)):
+  return {
+    "record": np.array(records),
+    "paper/psnr": np.array(paper_psnr, float),
+    "paper/ssim": np.array(ssim, float),
+    "paper/lpips_alex": np.array(lpips, float),
+    "fastmri/psnr": np.array(fastmri_psnr, float),
+  }
+
+
+@pytest.fixture
+def scores():
+  return {
+    "zero_filled": {"radial": _cols([20, 22, 24], [21, 21, 30], lpips=(0.5, 0.5, 0.5))},
+    "base/argmax": {"radial": _cols([30, 32, 34], [31, 31, 33])},
+    "base/top_k": {"radial": _cols([29, 31, 40], [30, 30, 35])},
+  }
+
+
+def test_summarize_paper_per_slice_fastmri_per_volume(scores):
+  m = report.summarize(scores, SLICES)
+  assert m["base/argmax/radial/paper/psnr"] == pytest.approx(32.0)
+  assert m["base/argmax/radial/paper/psnr_std"] == pytest.approx(np.std([30, 32, 34]))
+  assert m["base/argmax/radial/paper/n"] == 3
+  assert m["base/argmax/radial/paper/T1/psnr"] == pytest.approx(31.0)
+  assert m["base/argmax/radial/paper/T2/psnr"] == pytest.approx(34.0)
+  # fastmri: one value per volume, so the T1 volume counts once.
+  assert m["base/argmax/radial/fastmri/psnr"] == pytest.approx(32.0)
+  assert m["base/argmax/radial/fastmri/n"] == 2
+  assert m["base/argmax/radial/fastmri/T1/n"] == 1
+  assert m["zero_filled/radial/paper/lpips_alex"] == pytest.approx(0.5)
+
+
+def test_summarize_leaves_out_and_counts_non_finite(scores):
+  scores["base/argmax"]["radial"]["paper/psnr"] = np.array([30.0, np.inf, 34.0])
+  m = report.summarize(scores, SLICES)
+  assert m["base/argmax/radial/paper/psnr"] == pytest.approx(32.0)
+  assert m["base/argmax/radial/paper/psnr_nonfinite"] == 1
+
+
+def test_summarize_names_bad_input(scores):
+  scores["base/argmax"]["radial"]["paper/psnr"] = np.array([1.0, 2.0])
+  with pytest.raises(ValueError, match=r"scores\['base/argmax'\]\['radial'\]\['paper/psnr'\]"):
+    report.summarize(scores, SLICES)
+  with pytest.raises(ValueError, match="slices has no entry for record 7"):
+    report.summarize({"zero_filled": {"radial": _cols([1], [1], (1,), (1,), (7,))}}, SLICES)
+
+
+def test_family_table_layout_and_bold_best(scores):
+  m = report.summarize(scores, SLICES)
+  text = report.family_table(
+    m,
+    ["zero_filled", "base/argmax", "base/top_k"],
+    "radial",
+    "paper",
+    ["T1", "T2"],
+    ["psnr", "ssim", "lpips_alex"],
+  )
+  lines = text.splitlines()
+  header = [c.strip() for c in lines[0].strip("|").split("|")]
+  assert header[0] == "Method"
+  assert header[1:4] == ["T1 PSNR ↑", "T1 SSIM ↑", "T1 LPIPS-alex ↓"]
+  assert header[-3:] == ["all PSNR ↑", "all SSIM ↑", "all LPIPS-alex ↓"]
+  assert len(header) == 1 + 3 * 3
+  assert lines[1].count(":-:") == 9
+  body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+  assert [r[0] for r in body] == ["Zero-filled (R = 32)", "base", "base"]
+  # T1 PSNR: base/argmax (31) beats top_k (30) and zero-filled (21).
+  assert body[1][1] == "**31.00 ± 1.00**"
+  assert body[2][1] == "30.00 ± 1.00"
+  # T2 PSNR: top_k wins; LPIPS is lower-is-better and ties are bold together.
+  assert body[2][4] == "**40.00 ± 0.00**"
+  assert body[1][6].startswith("**") and body[2][6].startswith("**")
+  assert not body[0][6].startswith("**")
+
+
+def test_missing_contrast_shows_a_dash(scores):
+  # The distilled model was only run on the T1 volume.
+  scores["distilled/argmax"] = {"radial": _cols([35, 36], [36, 36], (0.8, 0.9), (0.1, 0.1), (0, 1))}
+  m = report.summarize(scores, SLICES)
+  assert "distilled/argmax/radial/paper/T2/psnr" not in m
+  text = report.family_table(
+    m, ["zero_filled", "distilled/argmax"], "radial", "paper", ["T1", "T2"], ["psnr"]
+  )
+  last = [c.strip() for c in text.splitlines()[-1].strip("|").split("|")]
+  assert last == ["distilled", "**35.50 ± 0.50**", "–", "**35.50 ± 0.50**"]
+
+
+def test_render_report_sections(scores):
+  m = report.summarize(scores, SLICES)
+  text = report.render_report(
+    m,
+    header={"Dataset": "demo", "Split": "validation"},
+    models=["base"],
+    decodings=["argmax", "top_k"],
+    families=["radial"],
+    protocols=["paper", "fastmri"],
+    contrasts=["T1", "T2"],
+    metric_names=["psnr", "ssim", "lpips_alex"],
+  )
+  assert "- **Dataset**: demo" in text
+  assert text.count("### radial (decoding: argmax)") == 2
+  assert "### Decoding variants (`paper`, all contrasts)" in text
+  assert "| base (top_k) |" in text
+  # fastmri only has PSNR here: the other columns are dashes, not errors.
+  fastmri = text.split("## Protocol `fastmri`")[1]
+  assert "| Zero-filled (R = 32) | 21.00 ± 0.00 | – |" in fastmri
+
+
+def test_csv_rows_and_columns(scores, tmp_path):
+  path = tmp_path / "per_slice.csv"
+  n = report.write_csv(path, scores, SLICES)
+  with open(path) as f:
+    rows = list(csv.DictReader(f))
+  assert n == len(rows) == 3 * 3
+  assert list(rows[0]) == list(report.CSV_META) + [
+    "fastmri_psnr",
+    "paper_lpips_alex",
+    "paper_psnr",
+    "paper_ssim",
+  ]
+  base = [r for r in rows if (r["model"], r["decoding"]) == ("base", "argmax")]
+  assert [float(r["paper_psnr"]) for r in base] == [30, 32, 34]
+  assert base[2]["file_name"] == "file_brain_AXT2_2.h5" and base[2]["contrast"] == "T2"
+  zf = [r for r in rows if r["model"] == "zero_filled"]
+  assert {r["decoding"] for r in zf} == {""}
+  mean = np.mean([float(r["paper_psnr"]) for r in base])
+  assert mean == pytest.approx(report.summarize(scores, SLICES)["base/argmax/radial/paper/psnr"])
+
+
+def _stack(seed, s=3, n=32):
+  return np.random.default_rng(seed).random((s, n, n))
+
+
+def test_family_figure_is_a_png_of_the_grid(tmp_path):
+  path = tmp_path / "radial.png"
+  target = _stack(0)
+  size = report.family_figure(
+    path,
+    _stack(1),
+    {"base": _stack(2), "distilled": _stack(3)},
+    target,
+    row_labels=["a", "b", "c"],
+    title="radial",
+  )
+  # Columns: input, 2 × (recon, error), target.
+  assert size == report.grid_size(3, 6)
+  with Image.open(path) as im:
+    assert im.format == "PNG"
+    assert im.size == size
+
+
+def test_levels_figure_and_shape_errors(tmp_path):
+  path = tmp_path / "radial_levels.png"
+  levels = np.random.default_rng(0).random((2, 6, 32, 32))
+  size = report.levels_figure(path, _stack(1, 2), levels, _stack(0, 2))
+  with Image.open(path) as im:
+    assert im.size == size == report.grid_size(2, 8)
+  with pytest.raises(ValueError, match=r"recons\['base'\] has shape"):
+    report.family_figure(tmp_path / "x.png", _stack(1), {"base": _stack(2, 2)}, _stack(0))
+  with pytest.raises(ValueError, match="levels_SKHW has shape"):
+    report.levels_figure(tmp_path / "y.png", _stack(1), levels, _stack(0))
+
+
+def test_a_single_contrast_has_no_separate_all_columns(scores):
+  m = report.summarize(scores, SLICES)
+  text = report.family_table(m, ["zero_filled"], "radial", "paper", ["T1"], ["psnr"])
+  assert text.splitlines()[0] == "| Method | T1 PSNR ↑ |"

@@ -1,0 +1,218 @@
+"""Stage 3: the KL objective, on-policy step properties, the smoke loop, resume and errors."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import aqvae as aqvae_config
+from configs import distill as distill_config
+from configs import transformer as transformer_config
+from nextaccel_jax import checkpointing, inference, losses, sharding
+from nextaccel_jax.models import aqvae as aqvae_lib
+from nextaccel_jax.models import transformer as transformer_lib
+from nextaccel_jax.stages import aqvae, common, distill, transformer
+
+# --------------------------------------------------------------------------------------------------
+# The objective
+
+
+def _np_kl(p_logits, q_logits):
+  p = np.exp(p_logits - p_logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  q = np.exp(q_logits - q_logits.max(-1, keepdims=True))
+  q /= q.sum(-1, keepdims=True)
+  return (p * (np.log(p) - np.log(q))).sum(-1)
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_distillation_kl_matches_numpy(direction):
+  rng = np.random.default_rng(0)
+  layout = transformer_lib.sequence_layout((1, 2, 3))
+  s = rng.normal(size=(2, 13, 7)) * 3
+  t = rng.normal(size=(2, 13, 7)) * 3
+  loss, aux = losses.distillation_kl(jnp.asarray(s), jnp.asarray(t), layout, direction)
+  kl = _np_kl(s, t) if direction == "reverse" else _np_kl(t, s)
+  per_scale = [kl[:, b:e].mean() for b, e in layout]
+  np.testing.assert_allclose(np.asarray(aux["kl_BL"]), kl, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose([float(v) for v in aux["kl_scales"]], per_scale, rtol=1e-5)
+  # Every scale weighs the same, not every token.
+  np.testing.assert_allclose(float(loss), np.mean(per_scale), rtol=1e-5)
+  assert not np.isclose(float(loss), kl.mean())
+
+
+def test_distillation_kl_rejects_unknown_direction():
+  with pytest.raises(ValueError, match="direction"):
+    losses.distillation_kl(jnp.zeros((1, 1, 2)), jnp.zeros((1, 1, 2)), ((0, 1),), "sideways")
+
+
+# --------------------------------------------------------------------------------------------------
+# One step on tiny random models
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = distill_config.get_config("smoke")
+  mesh = sharding.make_mesh()
+  tokenizer = transformer.make_tokenizer(config)
+  tok_vars = aqvae_lib.init_variables(tokenizer, jax.random.key(1), config.data.image_size)
+  student, teacher = distill.make_models(config)
+  size = config.data.image_size
+  p_student = transformer_lib.init_params(student, jax.random.key(2), size)["params"]
+  p_teacher = transformer_lib.init_params(teacher, jax.random.key(3), size)["params"]
+  rng = np.random.default_rng(0)
+  levels = rng.normal(size=(8, 6, size, size, 2)).astype(np.float32)
+  batch = {"levels": jnp.asarray(levels), "family": jnp.asarray(np.arange(8) % 4, jnp.int32)}
+  return dict(
+    config=config,
+    mesh=mesh,
+    tokenizer=tokenizer,
+    tok_vars=tok_vars,
+    student=student,
+    teacher=teacher,
+    p_student=p_student,
+    p_teacher=p_teacher,
+    batch=batch,
+  )
+
+
+def _loss(t, student_params, teacher_params, teacher_model, batch):
+  return jax.jit(functools.partial(_loss_fn, t, teacher_model=teacher_model))(
+    student_params, teacher_params, batch
+  )
+
+
+def _loss_fn(t, student_params, teacher_params, batch, *, teacher_model):
+  rollout = distill.on_policy_batch(
+    t["student"],
+    teacher_model,
+    t["tokenizer"],
+    t["tok_vars"],
+    student_params,
+    teacher_params,
+    batch,
+    sampling=inference.MULTINOMIAL,
+    rng=jax.random.key(0),
+  )
+  logits, _ = t["student"].apply(
+    {"params": student_params}, rollout["inputs_BLZ"], rollout["context_BHW2"], batch["family"]
+  )
+  layout = transformer_lib.sequence_layout(t["student"].patch_nums)
+  return losses.distillation_kl(logits, rollout["teacher_logits_BLV"], layout)[0]
+
+
+def test_zero_loss_when_student_is_teacher_and_contexts_match(tiny):
+  t = tiny
+  levels = t["batch"]["levels"]
+  # R = 32 context equal to the FS context, and the "teacher" is the student itself.
+  same = {"levels": levels.at[:, -1].set(levels[:, 0]), "family": t["batch"]["family"]}
+  loss = _loss(t, t["p_student"], t["p_student"], t["student"], same)
+  assert float(loss) == pytest.approx(0.0, abs=1e-6)
+  # A different teacher gives a positive KL.
+  assert float(_loss(t, t["p_student"], t["p_teacher"], t["teacher"], t["batch"])) > 1e-4
+
+
+def test_gradient_reaches_only_the_student(tiny):
+  t = tiny
+  grad = jax.jit(
+    jax.grad(functools.partial(_loss_fn, t, teacher_model=t["teacher"]), argnums=(0, 1))
+  )
+  g_student, g_teacher = grad(t["p_student"], t["p_teacher"], t["batch"])
+  assert float(common.tree_norm(g_student)) > 0
+  assert float(common.tree_norm(g_teacher)) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage loop on the smoke dataset
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory, smoke_data_dir):
+  """Stage-1/stage-2 workdirs with random weights, written like the stages, and the smoke data."""
+  mesh = sharding.make_mesh()
+  a_config = aqvae_config.get_config("smoke")
+  a_model = aqvae.make_model(a_config)
+  a_tx, _ = aqvae.make_optimizer(a_config, 4)
+  a_state, _ = aqvae.create_train_state(a_config, a_model, a_tx, mesh, jax.random.key(3))
+  tok_dir = tmp_path_factory.mktemp("aqvae")
+  with checkpointing.Checkpointer(tok_dir) as ckpt:
+    ckpt.save(1, a_state)
+  tok_vars = {"params": a_state.params, "vq_ema": a_state.vq_ema}
+  dirs = {"data": smoke_data_dir, "aqvae": str(tok_dir)}
+  for i, role in enumerate(("student", "teacher")):
+    config = transformer_config.get_config(role, "smoke")
+    config.tokenizer_from = str(tok_dir)
+    model = transformer.make_model(config)
+    tx, _ = transformer.make_optimizer(config, 4)
+    state, _ = transformer.create_train_state(
+      config, model, tx, mesh, jax.random.key(10 + i), tok_vars
+    )
+    d = tmp_path_factory.mktemp(role)
+    with checkpointing.Checkpointer(d) as ckpt:
+      ckpt.save(1, state)
+    common.MetricWriter(d).write_config(config)
+    dirs[role] = str(d)
+  return dirs
+
+
+def _config(dirs, **overrides):
+  config = distill_config.get_config("smoke")
+  config.data.data_dir = dirs["data"]
+  config.init_from = dirs["student"]
+  config.teacher_from = dirs["teacher"]
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def _train(workdir, key="loss"):
+  lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r[key] for r in lines if r.get("split") == "train"}
+
+
+def test_distill_smoke_run_and_resume(workdirs, tmp_path):
+  straight, split = tmp_path / "straight", tmp_path / "split"
+  final = distill.train_and_evaluate(_config(workdirs), straight)
+  for key in ["kl", "neg_kl", "agree", "tf/ce", "recon/ssim", "recon/psnr", "zero_filled/ssim"]:
+    assert np.isfinite(final[key]), key
+  assert json.loads((straight / "final_metrics.json").read_text()) == pytest.approx(final)
+  lines = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+  last = [r for r in lines if r["split"] == "train"][-1]
+  for key in ["agree", "argmax_agree", "grad_norm", "update_norm"]:
+    assert np.isfinite(last[key]), key
+  # The loss weighs the five scales equally.
+  kl = [last[f"kl/scale_{k}"] for k in range(1, 6)]
+  assert last["loss"] == pytest.approx(np.mean(kl), rel=1e-5)
+  assert last["update_norm"] > 0
+  # The tokenizer comes from the student's recorded stage-1 workdir, and is written down.
+  written = json.loads((straight / "config.json").read_text())
+  assert written["tokenizer_from"] == workdirs["aqvae"]
+  # The workdir loads like a stage-2 student's.
+  student = transformer.make_model(_config(workdirs))
+  params = distill.load_transformer_params(str(straight), "x", student, 64, sharding.make_mesh())
+  assert jax.tree.structure(params) == jax.tree.structure(
+    transformer_lib.init_params(student, jax.random.key(0), 64)["params"]
+  )
+  # Rollout keys are functions of (seed, step): a run split in two repeats the straight losses.
+  for _ in range(2):
+    distill.train_and_evaluate(_config(workdirs, max_steps_per_run=1), split)
+  np.testing.assert_allclose(
+    list(_train(split).values()), list(_train(straight).values()), rtol=1e-5
+  )
+
+
+def test_distill_errors_name_the_field(workdirs, tmp_path):
+  with pytest.raises(ValueError, match="config.init_from is empty"):
+    distill.train_and_evaluate(_config(workdirs, init_from=""), tmp_path)
+  with pytest.raises(FileNotFoundError, match="config.teacher_from=.*no such directory"):
+    distill.train_and_evaluate(_config(workdirs, teacher_from=str(tmp_path / "nope")), tmp_path)
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match="config.teacher_from=.*no stage-2 checkpoint"):
+    distill.train_and_evaluate(
+      _config(workdirs, teacher_from=str(empty), tokenizer_from=workdirs["aqvae"]), tmp_path
+    )
+  with pytest.raises(ValueError, match="does not match"):
+    distill.train_and_evaluate(_config(workdirs, **{"teacher.width": 64}), tmp_path)

@@ -1,0 +1,176 @@
+"""The evaluation stage on the smoke dataset with tiny random models: report files, their
+agreement with the returned metrics, and the errors for bad settings."""
+
+import csv
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import eval as eval_config
+from nextaccel_jax import inference, testing
+from nextaccel_jax.evaluation import report
+from nextaccel_jax.models import aqvae
+from nextaccel_jax.models import transformer as T
+from nextaccel_jax.stages import evaluate
+
+TOKENIZER = dict(
+  ch=16, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=8, vocab_size=64, norm_groups=8
+)
+TINY = dict(depth=2, width=32, num_heads=2, context_map=(0, 1))
+IMAGE = 64
+FAMILIES = ("cartesian_y", "cartesian_x", "gaussian_2d", "radial")
+
+
+@pytest.fixture(scope="module")
+def models():
+  """Two tiny random students sharing one tokenizer, keyed by source name."""
+  tok = aqvae.AQVAE(label_features=16, **TOKENIZER)
+  tok_vars = testing.random_tokenizer_variables(tok, IMAGE)
+  model = T.NextAccelTransformer(**TINY, **T.context_encoder_fields(tok))
+  shapes = jax.eval_shape(lambda: T.init_params(model, jax.random.key(1), IMAGE))
+  return {
+    src: inference.Reconstructor(tok, tok_vars, model, testing.random_like(shapes, seed))
+    for seed, src in enumerate(("runs/student", "runs/distill"), start=1)
+  } | {
+    "runs/teacher": inference.Reconstructor(
+      tok, tok_vars, model.clone(role="teacher"), testing.random_like(shapes, 9)
+    )
+  }
+
+
+@pytest.fixture
+def patched(monkeypatch, models):
+  calls = []
+
+  def load(source, tokenizer_from=""):
+    calls.append((source, tokenizer_from))
+    return models[source]
+
+  monkeypatch.setattr(evaluate, "load_reconstructor", load)
+  return calls
+
+
+def _config(data_dir, **overrides):
+  config = eval_config.get_config("smoke")
+  config.data.data_dir = data_dir
+  config.models.base = "runs/student"
+  config.models.distilled = "runs/distill"
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def test_smoke_run_writes_a_consistent_report(smoke_data_dir, patched, tmp_path):
+  config = _config(smoke_data_dir, decoding=("argmax", "top_k"))
+  metrics = evaluate.run(config, tmp_path)
+  assert [s for s, _ in patched] == ["runs/student", "runs/distill"]
+
+  for name in ("report.md", "per_slice.csv", "metrics.json", "final_metrics.json"):
+    assert (tmp_path / name).is_file(), name
+  assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
+  assert json.loads((tmp_path / "final_metrics.json").read_text()) == pytest.approx(metrics)
+
+  for family in FAMILIES:
+    for row in ("zero_filled", "base/argmax", "base/top_k", "distilled/argmax"):
+      for key in ("paper/psnr", "paper/ssim", "paper/lpips_alex", "fastmri/psnr", "fastmri/ssim"):
+        assert np.isfinite(metrics[f"{row}/{family}/{key}"]), (row, family, key)
+    # The smoke validation split is one T2 volume of two slices.
+    assert metrics[f"base/argmax/{family}/paper/n"] == 2
+    assert metrics[f"base/argmax/{family}/fastmri/n"] == 1
+    assert (
+      metrics[f"base/argmax/{family}/paper/T2/ssim"] == metrics[f"base/argmax/{family}/paper/ssim"]
+    )
+
+  with open(tmp_path / "per_slice.csv") as f:
+    rows = list(csv.DictReader(f))
+  # (zero-filled + 2 models × 2 decodings) × 4 families × 2 slices.
+  assert len(rows) == 5 * 4 * 2
+  assert {r["contrast"] for r in rows} == {"T2"}
+  assert {r["slice_index"] for r in rows} == {"0", "1"}
+  for model, decoding in (("distilled", "argmax"), ("base", "top_k"), ("zero_filled", "")):
+    sel = [
+      r for r in rows if (r["model"], r["decoding"], r["family"]) == (model, decoding, "radial")
+    ]
+    key = "zero_filled" if model == "zero_filled" else f"{model}/{decoding}"
+    for col in ("paper_psnr", "paper_ssim", "paper_lpips_alex"):
+      mean = np.mean([float(r[col]) for r in sel])
+      assert mean == pytest.approx(metrics[f"{key}/radial/{col.replace('_', '/', 1)}"])
+    # The fastmri columns repeat the volume's value on each of its slices.
+    assert len({r["fastmri_psnr"] for r in sel}) == 1
+    assert float(sel[0]["fastmri_psnr"]) == pytest.approx(metrics[f"{key}/radial/fastmri/psnr"])
+
+  text = (tmp_path / "report.md").read_text()
+  assert "fastmri_brain_multiscale/smoke" in text
+  assert "base ← `runs/student`" in text
+  for family in FAMILIES:
+    assert text.count(f"### {family} (decoding: argmax)") == 2
+  assert text.count("### Decoding variants") == 2
+  assert "| Method | T2 PSNR ↑ | T2 SSIM ↑ | T2 LPIPS-alex ↓ |\n" in text
+  assert "T1 PSNR" not in text and "all PSNR" not in text
+  psnr = metrics["distilled/argmax/radial/paper/psnr"]
+  assert f"{psnr:.2f} ± " in text
+
+  # Columns: input, base (recon, error), distilled (recon, error), target; two slices.
+  for family in FAMILIES:
+    with Image.open(tmp_path / "figures" / f"{family}.png") as im:
+      assert im.format == "PNG" and im.size == report.grid_size(2, 6)
+    with Image.open(tmp_path / "figures" / f"{family}_levels.png") as im:
+      assert im.size == report.grid_size(2, 8)
+
+
+def test_empty_models_are_explained(smoke_data_dir, tmp_path):
+  config = eval_config.get_config("smoke")
+  config.data.data_dir = smoke_data_dir
+  with pytest.raises(ValueError, match="config.models has no model to evaluate"):
+    evaluate.run(config, tmp_path)
+
+
+def test_bad_settings_are_named(smoke_data_dir, patched, tmp_path):
+  with pytest.raises(ValueError, match="config.batch_size=4 must be a positive multiple of the 8"):
+    evaluate.run(_config(smoke_data_dir, batch_size=4), tmp_path)
+  with pytest.raises(ValueError, match="config.decoding has unknown variant 'beam'"):
+    evaluate.run(_config(smoke_data_dir, decoding=("argmax", "beam")), tmp_path)
+  with pytest.raises(ValueError, match="config.families"):
+    evaluate.run(_config(smoke_data_dir, families=("spiral",)), tmp_path)
+  with pytest.raises(ValueError, match="config.models.base=runs/teacher is a teacher"):
+    evaluate.run(_config(smoke_data_dir, **{"models.base": "runs/teacher"}), tmp_path)
+
+
+def test_load_reconstructor_dispatches_on_config_json(monkeypatch, tmp_path):
+  monkeypatch.setattr(
+    inference.Reconstructor,
+    "from_workdirs",
+    classmethod(lambda cls, path, tok=None, **kw: ("workdir", path, tok)),
+    raising=False,
+  )
+  monkeypatch.setattr(
+    inference.Reconstructor,
+    "from_export",
+    classmethod(lambda cls, path, **kw: ("export", path)),
+    raising=False,
+  )
+  workdir, export = tmp_path / "student", tmp_path / "export"
+  workdir.mkdir()
+  export.mkdir()
+  (workdir / "config.json").write_text("{}")
+  assert evaluate.load_reconstructor(str(workdir)) == ("workdir", str(workdir), None)
+  assert evaluate.load_reconstructor(str(workdir), "runs/aqvae") == (
+    "workdir",
+    str(workdir),
+    "runs/aqvae",
+  )
+  assert evaluate.load_reconstructor(str(export)) == ("export", str(export))
+  with pytest.raises(FileNotFoundError, match="nowhere: no such stage-2/3 workdir"):
+    evaluate.load_reconstructor(str(tmp_path / "nowhere"))
+
+
+def test_config_presets():
+  for preset in ("paper", "demo", "smoke"):
+    config = eval_config.get_config(preset)
+    assert config.stage == "evaluate"
+    assert list(config.models.keys()) == ["base", "distilled"]
+    assert config.batch_size % 8 == 0
+  assert eval_config.get_config("demo").decoding == ("argmax", "multinomial", "top_k", "top_p")
+  assert eval_config.get_config("paper").decoding == ("argmax",)

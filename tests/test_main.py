@@ -1,0 +1,77 @@
+"""The command line: clear one-line errors for set-up mistakes, multi-host detection."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nextaccel_jax import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TFDS_DATA_DIR=str(tmp_path / "tfds"))
+  env.pop("NEXTACCEL_TRACEBACK", None)
+  env["XLA_FLAGS"] = ""
+  return subprocess.run(
+    [sys.executable, "-m", "nextaccel_jax.main", f"--workdir={tmp_path / 'work'}", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_unknown_preset_is_named(tmp_path):
+  out = _cli("--config=configs/distill.py:huge", tmp_path=tmp_path)
+  assert out.returncode != 0
+  assert "unknown preset 'huge'" in out.stderr
+  assert "paper, demo, smoke" in out.stderr
+
+
+def test_missing_previous_stage_and_missing_data(tmp_path):
+  out = _cli("--config=configs/distill.py:smoke", tmp_path=tmp_path)
+  assert out.returncode == 2
+  assert "config.init_from is empty" in out.stderr
+  assert "Traceback" not in out.stderr
+  missing = tmp_path / "no_student"
+  out = _cli(
+    "--config=configs/student.py:smoke", f"--config.tokenizer_from={missing}", tmp_path=tmp_path
+  )
+  assert out.returncode == 2
+  assert f"config.tokenizer_from={missing}: no such directory" in out.stderr
+  # The paper preset never builds on its own: the missing dataset says how to get it.
+  out = _cli("--config=configs/aqvae.py:paper", tmp_path=tmp_path)
+  assert out.returncode == 2
+  assert "fastmri_brain_multiscale/fastmri is not built" in out.stderr
+  assert "manual_dir" in out.stderr and "configs/demo.py" in out.stderr
+
+
+@pytest.mark.parametrize(
+  "env, expected",
+  [
+    ({}, False),
+    ({"SLURM_NTASKS": "1"}, False),
+    ({"SLURM_NTASKS": "4"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "t1"}, False),
+    ({"TPU_WORKER_HOSTNAMES": "t1,t2"}, True),
+  ],
+)
+def test_multihost_detection(monkeypatch, env, expected):
+  for name in (
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+    "JAX_COORDINATOR_ADDRESS",
+    "COORDINATOR_ADDRESS",
+    "TPU_WORKER_HOSTNAMES",
+  ):
+    monkeypatch.delenv(name, raising=False)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  assert main.is_multihost_environment() is expected
+  assert main.initialize_distributed("no") is False
