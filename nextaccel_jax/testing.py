@@ -22,6 +22,20 @@ import numpy as np
 
 from nextaccel_jax.models import aqvae
 
+# Tiny sizes the model tests share: a 64² image → 16² latent tokenizer with 64 codes and a
+# two-block transformer whose blocks both read the 16² context (the 64² level costs most of a
+# CPU step).
+TINY_TOKENIZER = dict(
+  ch=16, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=8, vocab_size=64, norm_groups=8
+)
+TINY_TRANSFORMER = dict(depth=2, width=64, num_heads=4, context_map=(0, 1))
+TINY_IMAGE = aqvae.min_image_size(TINY_TOKENIZER["ch_mult"])
+
+
+def rbg_key(seed: int) -> jax.Array:
+  """A PRNG key whose initializers compile far faster on CPU than threefry's."""
+  return jax.random.key(seed, impl="unsafe_rbg")
+
 
 def random_like(abstract_tree: Any, seed: int) -> Any:
   """A tree of float32 `jnp` arrays with the shapes of `abstract_tree`, filled from numpy.

@@ -379,7 +379,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   start = ckpt.latest_step()
   if start is None:
-    params = load_transformer_params(student_dir, "init_from", model, size, mesh)
+    try:
+      params = load_transformer_params(student_dir, "init_from", model, size, mesh)
+    except (FileNotFoundError, ValueError):
+      ckpt.close()
+      raise
   else:
     # Only the shapes matter: the workdir's own checkpoint replaces them below.
     params = jax.eval_shape(

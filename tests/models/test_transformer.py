@@ -10,44 +10,16 @@ import optax
 import pytest
 
 from nextaccel_jax import testing
-from nextaccel_jax.models import aqvae, autoencoder, convert_var_transformer
+from nextaccel_jax.models import autoencoder, convert_var_transformer
 from nextaccel_jax.models import transformer as T
 
-TOKENIZER = dict(
-  ch=16, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=8, vocab_size=64, norm_groups=8
-)
-# Both blocks attend to 16² context (256 tokens): the 64² level costs most of a CPU step. The
-# default map of a depth-2 model (32², 64²) is used in the context-encoder test.
-TINY = dict(depth=2, width=64, num_heads=4, context_map=(0, 1))
-IMAGE = aqvae.min_image_size(TOKENIZER["ch_mult"])  # 64² → 16² latent
+TOKENIZER = testing.TINY_TOKENIZER
+TINY = testing.TINY_TRANSFORMER
+IMAGE = testing.TINY_IMAGE  # 64² → 16² latent
 B = 2
-
-
-def key(seed: int) -> jax.Array:
-  # RBG keys: compiling threefry for every initializer dominates the test time on CPU.
-  return jax.random.key(seed, impl="unsafe_rbg")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  """XLA without its expensive optimisation passes: these tiny models spend far longer in the
-  compiler than running, so compile time is what this file's run time is made of."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
-@pytest.fixture(scope="module")
-def tok():
-  model = aqvae.AQVAE(label_features=16, **TOKENIZER)
-  return model, testing.random_tokenizer_variables(model, IMAGE)
-
-
-@pytest.fixture(scope="module")
-def tiny(tok):
-  model = T.NextAccelTransformer(**TINY, **T.context_encoder_fields(tok[0]))
-  return model, T.init_params(model, key(1), IMAGE)
+key = testing.rbg_key
+# `tok` and `tiny` (the models) and `fast_compile` come from tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")
