@@ -31,7 +31,6 @@ def main() -> int:
   args = p.parse_args()
 
   import jax
-  import numpy as np
   import steplib
 
   sys.path.insert(0, ".")
@@ -58,12 +57,7 @@ def main() -> int:
   )
   train_fn, _ = aqvae.jit_steps(config, model, tx, mesh, state_sharding, disc, disc_tx)
   n = config.data.image_size
-  rng = np.random.default_rng(0)
-  batch = {
-    "levels": rng.standard_normal((args.batch, 6, n, n, 2)).astype(np.float32) * 0.3,
-    "family": rng.integers(0, 4, args.batch).astype(np.int32),
-  }
-  batch = sharding.global_batch(batch, mesh)
+  batch = steplib.noise_batch(args.batch, n, mesh)
   print(
     f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}); "
     f"preset {args.preset}, {n}², batch {args.batch}, dtype {args.dtype}, "

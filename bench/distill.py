@@ -28,7 +28,6 @@ def main() -> int:
   args = p.parse_args()
 
   import jax
-  import numpy as np
   import steplib
 
   sys.path.insert(0, ".")
@@ -56,12 +55,7 @@ def main() -> int:
   tx, _ = transformer_stage.make_optimizer(config, total_steps=100_000)
   state, state_sharding = distill.create_train_state(config, student, tx, mesh, p_student)
   train_fn, _ = distill.jit_steps(config, student, teacher, tokenizer, tx, mesh, state_sharding)
-  rng = np.random.default_rng(0)
-  batch = {
-    "levels": rng.standard_normal((args.batch, 6, n, n, 2)).astype(np.float32) * 0.3,
-    "family": rng.integers(0, 4, args.batch).astype(np.int32),
-  }
-  batch = sharding.global_batch(batch, mesh)
+  batch = steplib.noise_batch(args.batch, n, mesh)
   print(
     f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}); "
     f"preset {args.preset}, depth {student.depth}, width {student.width}, {n}², "

@@ -61,3 +61,18 @@ def time_call(fn, *args, repeats: int) -> float:
     out = fn(*args)
   jax.block_until_ready(out)
   return (time.perf_counter() - t) / repeats
+
+
+def noise_batch(batch: int, size: int, mesh):
+  """A global batch `{levels [B, 6, size, size, 2], family [B]}` of seeded noise: step cost does
+  not depend on the values, so no dataset is needed."""
+  import numpy as np
+
+  from nextaccel_jax import sharding
+
+  rng = np.random.default_rng(0)
+  host = {
+    "levels": rng.standard_normal((batch, 6, size, size, 2)).astype(np.float32) * 0.3,
+    "family": rng.integers(0, 4, batch).astype(np.int32),
+  }
+  return sharding.global_batch(host, mesh)

@@ -29,7 +29,6 @@ def main() -> int:
   args = p.parse_args()
 
   import jax
-  import numpy as np
   import steplib
 
   sys.path.insert(0, ".")
@@ -57,12 +56,7 @@ def main() -> int:
     config, model, tx, mesh, jax.random.key(0), tok_vars
   )
   train_fn, _, _ = stage.jit_steps(config, model, tokenizer, tx, mesh, state_sharding)
-  rng = np.random.default_rng(0)
-  batch = {
-    "levels": rng.standard_normal((args.batch, 6, n, n, 2)).astype(np.float32) * 0.3,
-    "family": rng.integers(0, 4, args.batch).astype(np.int32),
-  }
-  batch = sharding.global_batch(batch, mesh)
+  batch = steplib.noise_batch(args.batch, n, mesh)
   seq = transformer_lib.sequence_length(model.patch_nums)
   print(
     f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}); "
