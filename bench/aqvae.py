@@ -25,7 +25,7 @@ def main() -> int:
   p.add_argument("--batch", type=int, default=2, help="global batch (paper: 16)")
   p.add_argument("--steps", type=int, default=3, help="timed steps after the compile step")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--remat", type=int, default=-1, help="1/0 to force remat on/off (-1: preset)")
+  p.add_argument("--remat", default="", help="remat policy: none, full, dots, dots_no_batch")
   p.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (0: skip)")
   p.add_argument("--losses", default="full", choices=["full", "base"])
   args = p.parse_args()
@@ -35,27 +35,21 @@ def main() -> int:
 
   sys.path.insert(0, ".")
   from configs import aqvae as aqvae_config
-  from nextaccel_jax import sharding
+  from nextaccel_jax import sharding, testing
   from nextaccel_jax.stages import aqvae, common
 
   config = aqvae_config.get_config(args.preset)
   config.model.dtype = args.dtype
-  if args.remat >= 0:
-    config.model.remat = bool(args.remat)
+  if args.remat:
+    config.model.remat = args.remat
   config.data.batch_size = args.batch
   if args.losses == "base":
     config.loss.lpips = 0.0
     config.loss.adversarial = 0.0
-  mesh = sharding.make_mesh()
-  model = aqvae.make_model(config)
-  tx, _ = aqvae.make_optimizer(config, total_steps=1000)
+  mesh = sharding.mesh_from_config(config)
+  step = testing.stage_step("aqvae", config, mesh)
+  state, train_fn, (frozen,) = step.state, step.jitted, step.frozen
   disc = aqvae.make_discriminator(config)
-  disc_tx = aqvae.make_disc_optimizer(config) if disc is not None else None
-  frozen = aqvae.load_frozen(config, disc, mesh)
-  state, state_sharding = aqvae.create_train_state(
-    config, model, tx, mesh, jax.random.key(0), disc, disc_tx, frozen
-  )
-  train_fn, _ = aqvae.jit_steps(config, model, tx, mesh, state_sharding, disc, disc_tx)
   n = config.data.image_size
   batch = steplib.noise_batch(args.batch, n, mesh)
   print(

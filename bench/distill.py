@@ -32,9 +32,7 @@ def main() -> int:
 
   sys.path.insert(0, ".")
   from configs import distill as distill_config
-  from nextaccel_jax import inference, sharding
-  from nextaccel_jax.models import aqvae
-  from nextaccel_jax.models import transformer as transformer_lib
+  from nextaccel_jax import inference, sharding, testing
   from nextaccel_jax.stages import common, distill
   from nextaccel_jax.stages import transformer as transformer_stage
 
@@ -43,18 +41,11 @@ def main() -> int:
     config.model.depth = config.teacher.depth = args.depth
   config.data.batch_size = args.batch
   n = config.data.image_size
-  mesh = sharding.make_mesh()
-  repl = sharding.replicated(mesh)
+  mesh = sharding.mesh_from_config(config)
+  step = testing.stage_step("distill", config, mesh, total_steps=100_000)
+  state, train_fn, (tok_vars, p_teacher) = step.state, step.jitted, step.frozen
   tokenizer = transformer_stage.make_tokenizer(config)
-  tok_vars = jax.device_put(aqvae.init_variables(tokenizer, jax.random.key(1), n), repl)
   student, teacher = distill.make_models(config)
-  p_student = transformer_lib.init_params(student, jax.random.key(2), n)["params"]
-  p_teacher = jax.device_put(
-    transformer_lib.init_params(teacher, jax.random.key(3), n)["params"], repl
-  )
-  tx, _ = transformer_stage.make_optimizer(config, total_steps=100_000)
-  state, state_sharding = distill.create_train_state(config, student, tx, mesh, p_student)
-  train_fn, _ = distill.jit_steps(config, student, teacher, tokenizer, tx, mesh, state_sharding)
   batch = steplib.noise_batch(args.batch, n, mesh)
   print(
     f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}); "

@@ -14,14 +14,11 @@ def compile_step(train_fn, *args):
   t = time.perf_counter()
   compiled = train_fn.lower(*args).compile()
   print(f"compile: {time.perf_counter() - t:.1f} s")
-  mem = compiled.memory_analysis()
+  from nextaccel_jax.stages import common
+
+  mem = common.step_memory(compiled)
   if mem is not None:
-    total = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-    total -= getattr(mem, "alias_size_in_bytes", 0)
-    print(
-      f"compiled memory: temp {mem.temp_size_in_bytes / 2**30:.2f} GiB, arguments "
-      f"{mem.argument_size_in_bytes / 2**30:.2f} GiB, total ~{total / 2**30:.2f} GiB"
-    )
+    print(f"compiled memory per device: {mem}")
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list | tuple) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0

@@ -33,8 +33,7 @@ def main() -> int:
 
   sys.path.insert(0, ".")
   from configs import transformer as transformer_config
-  from nextaccel_jax import sharding
-  from nextaccel_jax.models import aqvae
+  from nextaccel_jax import sharding, testing
   from nextaccel_jax.models import transformer as transformer_lib
   from nextaccel_jax.stages import common
   from nextaccel_jax.stages import transformer as stage
@@ -46,16 +45,10 @@ def main() -> int:
     config.model.dtype = args.dtype
   config.data.batch_size = args.batch
   n = config.data.image_size
-  mesh = sharding.make_mesh()
-  tokenizer = stage.make_tokenizer(config)
-  tok_vars = aqvae.init_variables(tokenizer, jax.random.key(1), n)
-  tok_vars = jax.device_put(tok_vars, sharding.replicated(mesh))
+  mesh = sharding.mesh_from_config(config)
+  step = testing.stage_step("transformer", config, mesh, total_steps=100_000)
+  state, train_fn, (tok_vars,) = step.state, step.jitted, step.frozen
   model = stage.make_model(config)
-  tx, _ = stage.make_optimizer(config, total_steps=100_000)
-  state, state_sharding = stage.create_train_state(
-    config, model, tx, mesh, jax.random.key(0), tok_vars
-  )
-  train_fn, _, _ = stage.jit_steps(config, model, tokenizer, tx, mesh, state_sharding)
   batch = steplib.noise_batch(args.batch, n, mesh)
   seq = transformer_lib.sequence_length(model.patch_nums)
   print(

@@ -47,10 +47,11 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
   # Re-seed codes whose EMA cluster size drops below this with batch latents (0 = off, as in the
   # paper); the small presets train from scratch with few steps and need it to use the codebook.
   m.restart_threshold = 0.0 if preset == "paper" else 0.2
-  # Recompute block activations in the backward pass (six encoder passes per sample).
-  m.remat = preset == "paper"
+  # Recompute block activations in the backward pass (six encoder passes per sample): "none",
+  # "full" (keep only block inputs), "dots" (also keep matmul/conv outputs) or "dots_no_batch".
+  m.remat = "full" if preset == "paper" else "none"
   # Compute dtype: "float32" or "bfloat16" (params, norms, codebook distances and losses stay fp32).
-  m.dtype = "float32"
+  m.dtype = "bfloat16" if preset == "paper" else "float32"
   return m
 
 
@@ -81,8 +82,9 @@ def discriminator_config(preset: str) -> ml_collections.ConfigDict:
   d.virtual_batch = 8
   # DiffAugment on D inputs (not in the paper).
   d.augment = False
-  d.remat = False
-  d.tower_dtype = "float32"
+  d.remat = "none"
+  # The frozen tower's compute dtype (its LayerNorms and softmax stay float32).
+  d.tower_dtype = "bfloat16" if preset == "paper" else "float32"
   # "tokens": LSGAN over every head token (patch-GAN reading); "image": one score per image.
   d.reduce = "tokens"
   # The generator's adversarial term starts at this step (the discriminator trains from 0).
@@ -149,6 +151,5 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.ckpt = ml_collections.ConfigDict()
   config.ckpt.every = {"paper": 1000, "demo": 48, "smoke": 2}[preset]
   config.ckpt.max_to_keep = 3
-  # Mesh axes as (name, size) pairs; -1 takes the remaining devices.
-  config.mesh = [("data", -1)]
+  common.set_parallelism(config)
   return config

@@ -34,3 +34,24 @@ def data_config(preset: str, batch_size: int) -> ml_collections.ConfigDict:
   # Single-coil undersampling instead of the multicoil adjoint (decisions.md §2 option).
   d.single_coil = False
   return d
+
+
+def set_parallelism(config: ml_collections.ConfigDict) -> None:
+  """Adds the mesh, the sharding rules and the start-up memory check of a training stage."""
+  # Mesh axes as (name, size) pairs; -1 takes the remaining devices. The batch is split over
+  # data × fsdp; an fsdp axis > 1 also shards the large parameters and optimizer moments, e.g.
+  # --config.mesh="(('data', 2), ('fsdp', 4))".
+  config.mesh = (("data", -1), ("fsdp", 1))
+  config.sharding = ml_collections.ConfigDict()
+  # (regex, spec) pairs, first match wins, searched in each state leaf's path
+  # ("params/.../kernel", "opt_state/.../mu/.../kernel", "frozen/..."). spec: "fsdp" (largest
+  # dimension divisible by the fsdp axis), "replicated", or a tuple of mesh axes per dimension.
+  config.sharding.rules = ((".*", "fsdp"),)
+  # Leaves with fewer elements stay replicated under "fsdp" (2^18 float32 values = 1 MiB).
+  config.sharding.fsdp_min_size = 2**18
+  config.memory = ml_collections.ConfigDict()
+  # Compile the train step ahead of time, print its memory per device and stop when it cannot fit.
+  config.memory.check = True
+  # Per-device budget in GiB; 0 takes the device's own limit where the runtime reports one
+  # (GPU, TPU), and only prints on CPU.
+  config.memory.limit_gib = 0.0

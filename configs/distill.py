@@ -66,5 +66,5 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.ckpt = ml_collections.ConfigDict()
   config.ckpt.every = {"paper": 2000, "demo": 12, "smoke": 2}[preset]
   config.ckpt.max_to_keep = 3
-  config.mesh = [("data", -1)]
+  common.set_parallelism(config)
   return config

@@ -35,7 +35,8 @@ def model_config(preset: str, role: str) -> ml_collections.ConfigDict:
   m.prefix_noise_max = 0.5 if role == "teacher" else 0.0
   # "mean": block k sees the mean of scales < k (what the tokenizer decodes); "previous": h_{k-1}.
   m.input_mode = "mean"
-  m.remat = preset == "paper"
+  # Rematerialisation policy of the blocks: "none", "full", "dots" or "dots_no_batch".
+  m.remat = "full" if preset == "paper" else "none"
   # Compute dtype; norms, softmax, logits and the loss stay float32.
   m.dtype = "bfloat16" if preset == "paper" else "float32"
   return m
@@ -87,5 +88,5 @@ def get_config(role: str, preset: str) -> ml_collections.ConfigDict:
   config.ckpt = ml_collections.ConfigDict()
   config.ckpt.every = {"paper": 5000, "demo": 24, "smoke": 2}[preset]
   config.ckpt.max_to_keep = 3
-  config.mesh = [("data", -1)]
+  common.set_parallelism(config)
   return config

@@ -25,6 +25,10 @@ variables and jits `reconstruct` once per sampling configuration:
   x_hat_BHW2, aux = rec.reconstruct(x_r32_BHW2, family_B, return_intermediates=True)
   rec = Reconstructor.from_export("runs/export")  # written by `python -m nextaccel_jax.export`
   rec = Reconstructor.from_workdirs("runs/student")  # its config.json names the tokenizer
+  # Data consistency (decisions.md §6): keep the measured R = 32 samples of the input.
+  x_dc_BHW2 = rec.reconstruct(x_r32_BHW2, family_B, mask_BHW=m32_BHW, maps_BCHW2=maps_BCHW2)
+
+`data_consistency` is the step on its own.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from nextaccel_jax.data import transforms
 from nextaccel_jax.models import aqvae as aqvae_lib
 from nextaccel_jax.models import transformer as transformer_lib
 
@@ -61,6 +66,70 @@ class SamplingConfig:
 
 ARGMAX = SamplingConfig()
 MULTINOMIAL = SamplingConfig(greedy=False)
+DC_PHASES = ("input", "model")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsistencyConfig:
+  """How `data_consistency` enforces the measured R = 32 samples.
+
+  Attributes:
+    iterations: steps of `x ← x + x_32 − A^H M A x`; one is exact for a single coil.
+    phase: "input" starts from the reconstruction's magnitude with the R = 32 image's phase (the
+      stage-1 losses see magnitudes only, so the decoded phase is not trained); "model" keeps the
+      decoded phase (for a tokenizer trained with a complex-valued loss).
+  """
+
+  iterations: int = 10
+  phase: str = "input"
+
+
+def data_consistency(
+  x_hat_BHW2: jax.Array,
+  x_r32_BHW2: jax.Array,
+  mask_BHW: jax.Array,
+  maps_BCHW2: jax.Array | None = None,
+  consistency: ConsistencyConfig = ConsistencyConfig(),
+) -> jax.Array:
+  """The reconstruction moved onto the images whose R = 32 samples are the measured ones.
+
+  The R = 32 input is `x_32 = A^H M A x` with the coil operator `A x = F(S_c x)` and the R = 32
+  mask M (single coil: `S = 1`), so `x_32` carries every measured sample. Gradient steps of
+  `‖M A x − M A x_true‖²` with step 1 only need `x_32`: `x ← x + x_32 − A^H M A x`. From the
+  reconstruction they converge to the nearest consistent image (`‖A^H M A‖ ≤ 1`); with a single
+  coil one step is the exact projection, the classic k-space replacement. The masks are nested,
+  so the measured samples of R = 32 are valid at every level.
+
+  Args:
+    x_hat_BHW2: reconstructions `[real, imag]` (same normalisation as the input).
+    x_r32_BHW2: the R = 32 input images.
+    mask_BHW: the R = 32 sampling mask (bool or 0/1).
+    maps_BCHW2: coil sensitivities `[B, C, H, W, 2]` of the multicoil adjoint that made `x_32`;
+      None for single-coil levels.
+    consistency: iterations and phase handling.
+
+  Returns:
+    `[B, H, W, 2]` float32.
+  """
+  if consistency.phase not in DC_PHASES:
+    raise ValueError(f"phase must be one of {DC_PHASES}, got {consistency.phase!r}")
+  if consistency.iterations < 1:
+    raise ValueError(f"iterations must be >= 1, got {consistency.iterations}")
+  x32 = transforms.channels_to_complex(jnp.asarray(x_r32_BHW2, jnp.float32))
+  x = transforms.channels_to_complex(jnp.asarray(x_hat_BHW2, jnp.float32))
+  if consistency.phase == "input":
+    x = jnp.abs(x) * jnp.exp(1j * jnp.angle(x32))
+  if maps_BCHW2 is None:
+    maps = jnp.ones(x.shape[:-2] + (1,) + x.shape[-2:], jnp.complex64)
+  else:
+    maps = transforms.channels_to_complex(jnp.asarray(maps_BCHW2, jnp.float32))
+  mask = jnp.asarray(mask_BHW).astype(jnp.complex64)
+
+  def step(_, x):
+    return x + x32 - transforms.mc_adjoint(transforms.mc_forward(x, maps, mask), maps)
+
+  x = jax.lax.fori_loop(0, consistency.iterations, step, x.astype(jnp.complex64))
+  return transforms.complex_to_channels(x)
 
 
 def filter_logits(logits_BlV: jax.Array, top_k: int = 0, top_p: float = 0.0) -> jax.Array:
@@ -269,6 +338,7 @@ class Reconstructor:
     transformer_model: the stage-2/3 `NextAccelTransformer` (normally the student).
     transformer_params: its params (bare or as `{"params": ...}`).
     sampling: default token selection (argmax).
+    consistency: default data-consistency settings, used when `reconstruct` gets a mask.
   """
 
   def __init__(
@@ -278,16 +348,19 @@ class Reconstructor:
     transformer_model: transformer_lib.NextAccelTransformer,
     transformer_params,
     sampling: SamplingConfig = ARGMAX,
+    consistency: ConsistencyConfig = ConsistencyConfig(),
   ):
     self.tokenizer = tokenizer_model
     self.tokenizer_variables = tokenizer_variables
     self.transformer = transformer_model
     self.transformer_variables = _as_variables(transformer_params)
     self.sampling = sampling
+    self.consistency = consistency
     self._fn = jax.jit(
       functools.partial(reconstruct, tokenizer_model, transformer_model),
       static_argnames=("sampling", "return_intermediates"),
     )
+    self._dc = jax.jit(data_consistency, static_argnames=("consistency",))
 
   def reconstruct(
     self,
@@ -297,19 +370,52 @@ class Reconstructor:
     rng: jax.Array | None = None,
     return_intermediates: bool = False,
     sampling: SamplingConfig | None = None,
+    mask_BHW: jax.Array | None = None,
+    maps_BCHW2: jax.Array | None = None,
+    consistency: ConsistencyConfig | None = None,
   ):
-    """See `reconstruct` (the module function); `sampling` overrides the default."""
+    """See `reconstruct` (the module function); `sampling` overrides the default.
+
+    With `mask_BHW` (the R = 32 mask) the result is made consistent with the measured samples
+    (`data_consistency`, multicoil when `maps_BCHW2` is given); the intermediates, when asked
+    for, then also hold the unconstrained decoding as `decoded_BHW2`.
+    """
     sampling = self.sampling if sampling is None else sampling
     if not sampling.greedy and rng is None:
       raise ValueError("sampling needs an rng")
-    return self._fn(
+    x_r32_BHW2 = jnp.asarray(x_r32_BHW2, jnp.float32)
+    out = self._fn(
       self.tokenizer_variables,
       self.transformer_variables,
-      jnp.asarray(x_r32_BHW2, jnp.float32),
+      x_r32_BHW2,
       jnp.asarray(family_B, jnp.int32),
       rng,
       sampling=sampling,
       return_intermediates=return_intermediates,
+    )
+    if mask_BHW is None:
+      return out
+    x_hat, aux = out if return_intermediates else (out, None)
+    x_dc = self.data_consistent(x_hat, x_r32_BHW2, mask_BHW, maps_BCHW2, consistency)
+    if not return_intermediates:
+      return x_dc
+    return x_dc, {**aux, "decoded_BHW2": x_hat}
+
+  def data_consistent(
+    self,
+    x_hat_BHW2: jax.Array,
+    x_r32_BHW2: jax.Array,
+    mask_BHW: jax.Array,
+    maps_BCHW2: jax.Array | None = None,
+    consistency: ConsistencyConfig | None = None,
+  ) -> jax.Array:
+    """`data_consistency` (jitted) with this reconstructor's default settings."""
+    return self._dc(
+      x_hat_BHW2,
+      x_r32_BHW2,
+      mask_BHW,
+      maps_BCHW2,
+      consistency=self.consistency if consistency is None else consistency,
     )
 
   __call__ = reconstruct
@@ -358,8 +464,10 @@ class Reconstructor:
 __all__: Sequence[str] = (
   "ARGMAX",
   "MULTINOMIAL",
+  "ConsistencyConfig",
   "Reconstructor",
   "SamplingConfig",
+  "data_consistency",
   "filter_logits",
   "init_cache",
   "reconstruct",

@@ -7,7 +7,13 @@
 `config.stage` picks the function; every stage has the signature `(config, workdir) -> metrics`
 and is importable for tests and notebooks. On several hosts (a TPU pod slice, a SLURM or
 Open MPI job, or an explicit coordinator) `jax.distributed.initialize()` runs first; the
-cluster is auto-detected, `--multihost` forces the choice either way.
+cluster is auto-detected, `--multihost` forces the choice either way. Elsewhere (several
+processes on one machine, a cluster JAX does not know) name the job explicitly:
+
+  python -m nextaccel_jax.main --config=... --workdir=... \
+      --coordinator_address=10.0.0.1:12355 --num_processes=2 --process_id=0
+
+or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (flags win).
 """
 
 from __future__ import annotations
@@ -26,6 +32,17 @@ _MULTIHOST = flags.DEFINE_enum(
   "auto",
   ["auto", "yes", "no"],
   "Call jax.distributed.initialize(): auto = when the environment names several processes.",
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "host:port of process 0's coordinator (default $JAX_COORDINATOR_ADDRESS, else auto-detected).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "Processes in the job (default $JAX_NUM_PROCESSES, else auto-detected)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, "This process's index (default $JAX_PROCESS_ID, else auto-detected)."
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -52,6 +69,16 @@ def _env_int(name: str) -> int:
     return 1
 
 
+def _env_optional_int(name: str) -> int | None:
+  value = os.environ.get(name, "").strip()
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError as e:
+    raise ValueError(f"${name}={value!r} is not an integer") from e
+
+
 def is_multihost_environment() -> bool:
   """Whether the environment describes a job of several processes."""
   if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COORDINATOR_ADDRESS"):
@@ -62,11 +89,30 @@ def is_multihost_environment() -> bool:
   return len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
 
 
-def initialize_distributed(mode: str = "auto") -> bool:
-  """Runs `jax.distributed.initialize()` (cluster auto-detection) when asked or detected."""
-  if mode == "no" or (mode == "auto" and not is_multihost_environment()):
+def initialize_distributed(
+  mode: str = "auto",
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> bool:
+  """Runs `jax.distributed.initialize()` when asked, named or detected.
+
+  Arguments left as None come from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES and
+  $JAX_PROCESS_ID, then from JAX's cluster auto-detection (TPU pods, SLURM, Open MPI).
+  """
+  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+  if num_processes is None:
+    num_processes = _env_optional_int("JAX_NUM_PROCESSES")
+  if process_id is None:
+    process_id = _env_optional_int("JAX_PROCESS_ID")
+  named = num_processes is not None and num_processes > 1
+  if mode == "no" or (mode == "auto" and not named and not is_multihost_environment()):
     return False
-  jax.distributed.initialize()
+  if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f"--process_id={process_id} must lie in [0, --num_processes={num_processes})")
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
   return True
 
 
@@ -81,7 +127,13 @@ def main(argv):
       f"{flags.FLAGS['config'].config_filename}: config.stage {stage!r} is not one of "
       f"{sorted(stages)}"
     )
-  initialize_distributed(_MULTIHOST.value)
+  try:
+    initialize_distributed(
+      _MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   logging.info(
     "JAX %s, process %d of %d, %d local / %d global %s device(s)",
     jax.__version__,

@@ -75,3 +75,25 @@ def test_multihost_detection(monkeypatch, env, expected):
     monkeypatch.setenv(k, v)
   assert main.is_multihost_environment() is expected
   assert main.initialize_distributed("no") is False
+
+
+def test_named_jobs_reach_jax_distributed(monkeypatch):
+  calls = []
+  monkeypatch.setattr(main.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS"):
+    monkeypatch.delenv(name, raising=False)
+  # One process is no job to join.
+  assert main.initialize_distributed("auto", num_processes=1) is False
+  assert main.initialize_distributed("auto", "127.0.0.1:9", 2, 1) is True
+  assert calls[-1] == {"coordinator_address": "127.0.0.1:9", "num_processes": 2, "process_id": 1}
+  # The environment fills what the flags leave out.
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:5")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("JAX_PROCESS_ID", "3")
+  assert main.initialize_distributed() is True
+  assert calls[-1] == {"coordinator_address": "10.0.0.1:5", "num_processes": 4, "process_id": 3}
+  with pytest.raises(ValueError, match="process_id=4 must lie in"):
+    main.initialize_distributed("auto", process_id=4)
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "four")
+  with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='four' is not an integer"):
+    main.initialize_distributed()

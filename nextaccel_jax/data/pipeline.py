@@ -244,7 +244,8 @@ class EvalLoader:
   """One fixed pass over an eval split: every record under every requested mask family.
 
   Batches hold the stored levels at the seeded evaluation masks, plus `valid` `[B]` (False on the
-  padding rows of the last batch) and `record` `[B]` (the split index, for per-slice reports).
+  padding rows of the last batch) and `record` `[B]` (the split index, for per-slice reports);
+  with `with_maps` also the coil sensitivities `maps` `[B, V, H, W, 2]` (for data consistency).
   """
 
   def __init__(
@@ -255,9 +256,11 @@ class EvalLoader:
     mesh: Mesh,
     families: Sequence[str] = masks.FAMILIES,
     max_records: int | None = None,
+    with_maps: bool = False,
   ):
     self.source = source
     self.mesh = mesh
+    self.with_maps = with_maps
     self.global_batch_size = global_batch_size
     sharding.per_process_batch(global_batch_size, mesh)
     self.families = tuple(masks.canonical_family(f) for f in families)
@@ -279,7 +282,7 @@ class EvalLoader:
         "EvalLoader: this split stores no eval levels (a train split built without "
         "store_train_levels); evaluate on validation or test"
       )
-    return {
+    out = {
       "levels": ex["levels"][fid],
       "mask_levels": ex["mask_levels"][fid],
       "family": np.int32(fid),
@@ -287,6 +290,9 @@ class EvalLoader:
       "scale": np.float32(ex["scale"]),
       "record": np.int32(i),
     }
+    if self.with_maps:
+      out["maps"] = ex["maps"]
+    return out
 
   def host_batch(self, k: int) -> dict:
     b = self.global_batch_size // jax.process_count()
@@ -313,3 +319,19 @@ def stored_eval_levels(example: dict, family: str) -> np.ndarray:
 def zero_filled_magnitudes(levels_L_HW2: np.ndarray | jnp.ndarray) -> np.ndarray:
   """Magnitudes `[6, H, W]` of stored levels (zero-filled images and the FS target)."""
   return np.abs(transforms.channels_to_complex(np.asarray(levels_L_HW2)))
+
+
+def train_batch_spec(global_batch_size: int, image_size: int, mesh: Mesh) -> dict:
+  """Shapes, dtypes and sharding of a `TrainLoader` batch (levels computed), so that a train step
+  can be compiled ahead of time before any record is read."""
+  b, n, k = global_batch_size, image_size, transforms.NUM_LEVELS
+  shard = sharding.data_sharding(mesh)
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=shard)
+  return {
+    "family": spec((b,), np.int32),
+    "contrast": spec((b,), np.int32),
+    "scale": spec((b,), np.float32),
+    "acc_index": spec((b, k), np.int32),
+    "levels": spec((b, k, n, n, 2), np.float32),
+    "mask_levels": spec((b, n, n), np.uint8),
+  }

@@ -57,7 +57,7 @@ class AQVAE(nn.Module):
   ema_decay: float = 0.99
   beta: float = 0.25
   restart_threshold: float = 0.0
-  remat: bool = False
+  remat: bool | str = False
   norm_groups: int = 32
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32

@@ -52,6 +52,7 @@ from nextaccel_jax.models.layers import (
   ResnetBlock,
   Upsample,
   conv,
+  maybe_remat,
 )
 
 
@@ -65,11 +66,9 @@ def from_model_output(y_BHW3: jax.Array) -> jax.Array:
   return y_BHW3[..., :2]
 
 
-def _blocks(remat: bool) -> tuple[type[nn.Module], type[nn.Module]]:
+def _blocks(remat: bool | str) -> tuple[type[nn.Module], type[nn.Module]]:
   """ResnetBlock and AttnBlock classes, rematerialised in the backward pass when asked."""
-  if remat:
-    return nn.remat(ResnetBlock), nn.remat(AttnBlock)
-  return ResnetBlock, AttnBlock
+  return maybe_remat(ResnetBlock, remat), maybe_remat(AttnBlock, remat)
 
 
 class LabelEmbed(nn.Module):
@@ -107,7 +106,7 @@ class Down(nn.Module):
     use_attn: interleave an AttnBlock after each ResnetBlock (VAR: last level only).
     with_downsample: end with `Downsample` (VAR: every level but the last).
     film: FiLM-condition the ResnetBlocks.
-    remat: rematerialise the blocks in the backward pass.
+    remat: rematerialise the blocks in the backward pass (True, False or a `REMAT_POLICIES` name).
     norm_groups: GroupNorm groups (VAR: 32).
     dtype: compute dtype.
     param_dtype: parameter storage dtype.
@@ -118,7 +117,7 @@ class Down(nn.Module):
   use_attn: bool
   with_downsample: bool
   film: bool = False
-  remat: bool = False
+  remat: bool | str = False
   norm_groups: int = 32
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -149,7 +148,7 @@ class Mid(nn.Module):
   Attributes:
     use_attn: include `attn_1` (VAR's `using_mid_sa`).
     film: FiLM-condition the ResnetBlocks.
-    remat: rematerialise the blocks in the backward pass.
+    remat: rematerialise the blocks in the backward pass (True, False or a `REMAT_POLICIES` name).
     norm_groups: GroupNorm groups (VAR: 32).
     dtype: compute dtype.
     param_dtype: parameter storage dtype.
@@ -157,7 +156,7 @@ class Mid(nn.Module):
 
   use_attn: bool = True
   film: bool = False
-  remat: bool = False
+  remat: bool | str = False
   norm_groups: int = 32
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -185,7 +184,7 @@ class Up(nn.Module):
     num_blocks: ResnetBlocks in the level (VAR: `num_res_blocks + 1`).
     use_attn: interleave an AttnBlock after each ResnetBlock (VAR: last level only).
     with_upsample: end with `Upsample` (VAR: every level but level 0).
-    remat: rematerialise the blocks in the backward pass.
+    remat: rematerialise the blocks in the backward pass (True, False or a `REMAT_POLICIES` name).
     norm_groups: GroupNorm groups (VAR: 32).
     dtype: compute dtype.
     param_dtype: parameter storage dtype.
@@ -195,7 +194,7 @@ class Up(nn.Module):
   num_blocks: int
   use_attn: bool
   with_upsample: bool
-  remat: bool = False
+  remat: bool | str = False
   norm_groups: int = 32
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -253,7 +252,7 @@ class Encoder(nn.Module):
   label_features: int = 256
   num_accelerations: int = 6
   num_families: int = 4
-  remat: bool = False
+  remat: bool | str = False
   norm_groups: int = 32
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -327,7 +326,7 @@ class Decoder(nn.Module):
     out_channels: image channels (3; only channels 0 and 1 carry the image).
     using_sa: AttnBlocks at the last level.
     using_mid_sa: AttnBlock in `mid`.
-    remat: rematerialise Resnet/Attn blocks in the backward pass.
+    remat: rematerialise Resnet/Attn blocks in the backward pass (a `REMAT_POLICIES` name or bool).
     norm_groups: GroupNorm groups (VAR: 32; fewer allows narrow demo models).
     dtype: compute dtype.
     param_dtype: parameter storage dtype.
@@ -340,7 +339,7 @@ class Decoder(nn.Module):
   out_channels: int = 3
   using_sa: bool = True
   using_mid_sa: bool = True
-  remat: bool = False
+  remat: bool | str = False
   norm_groups: int = 32
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32

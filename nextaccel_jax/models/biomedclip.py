@@ -52,6 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from nextaccel_jax.models.layers import maybe_remat
+
 # OpenAI CLIP normalisation, which BiomedCLIP's open_clip config uses (timm's own 0.5 is not).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -213,7 +215,7 @@ class BiomedCLIPVision(nn.Module):
   mlp_dim: int = 3072
   proj_dim: int | None = 512
   feature_blocks: Sequence[int] = FEATURE_BLOCKS
-  remat: bool = False
+  remat: bool | str = False
   precision: Any = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -253,7 +255,7 @@ class BiomedCLIPVision(nn.Module):
     x_BND = jnp.concatenate([cls_B1D, tokens_BLD], axis=1) + pos.astype(self.dtype)
     aux = {"embed": x_BND}
 
-    block_cls = nn.remat(Block) if self.remat else Block
+    block_cls = maybe_remat(Block, self.remat)
     for i in range(self.depth):
       x_BND = block_cls(self.num_heads, self.mlp_dim, name=f"blocks_{i}", **kw)(x_BND)
       if i in self.feature_blocks:

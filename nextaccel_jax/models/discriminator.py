@@ -320,7 +320,7 @@ class Discriminator(nn.Module):
   kernel_size: int = 9
   virtual_batch: int = 8
   augment: bool = False
-  remat: bool = False
+  remat: bool | str = False
   precision: Any = None
   tower_dtype: jnp.dtype | None = None
   dtype: jnp.dtype = jnp.float32

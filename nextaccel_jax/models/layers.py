@@ -31,6 +31,34 @@ _PAD_NONE = ((0, 0), (0, 0))
 _PAD_DOWNSAMPLE = ((0, 1), (0, 1))
 
 
+# What the backward pass may keep of a rematerialised block instead of recomputing it.
+# "full" keeps only the block inputs (least memory); "dots" also keeps every matmul/conv output;
+# "dots_no_batch" keeps the matmul outputs without batch dimensions (weight-stationary products).
+REMAT_POLICIES = {
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_name(remat: bool | str) -> str:
+  """The policy name of a `remat` field: False → "none", True → "full", or a name as is."""
+  if isinstance(remat, bool | int) and not isinstance(remat, str):
+    return "full" if remat else "none"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}: choose True, False or one of {sorted(REMAT_POLICIES)}")
+  return remat
+
+
+def maybe_remat(cls, remat: bool | str, **kwargs):
+  """`cls` wrapped in `nn.remat` with the named policy (`cls` itself for "none")."""
+  name = remat_name(remat)
+  if name == "none":
+    return cls
+  return nn.remat(cls, policy=REMAT_POLICIES[name], **kwargs)
+
+
 def island_dtype(dtype: Dtype) -> Dtype:
   """The dtype of an fp32 island: float32, or wider when the model itself runs wider."""
   return jnp.promote_types(dtype, jnp.float32)

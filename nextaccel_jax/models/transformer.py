@@ -88,7 +88,7 @@ from flax import traverse_util
 
 from nextaccel_jax.models import aqvae as aqvae_lib
 from nextaccel_jax.models import autoencoder
-from nextaccel_jax.models.layers import Dtype, island_dtype
+from nextaccel_jax.models.layers import Dtype, island_dtype, maybe_remat
 from nextaccel_jax.models.quantizer import PATCH_NUMS, area_matrix, resize
 
 ROLES = ("student", "teacher")
@@ -560,7 +560,8 @@ class NextAccelTransformer(nn.Module):
     zero_init_cross_proj: start every cross-attention output projection at zero.
     stop_context_grad: stop gradients at the context features (saves the encoder's backward
       pass when the encoder is frozen by `mask_frozen`).
-    remat: rematerialise blocks (and the encoder's blocks) in the backward pass.
+    remat: rematerialise blocks (and the encoder's blocks) in the backward pass: True, False or
+      a `layers.REMAT_POLICIES` name ("full", "dots", "dots_no_batch").
     enc_ch, enc_ch_mult, enc_num_res_blocks, enc_z_channels, enc_using_sa, enc_using_mid_sa,
       enc_label_features, enc_norm_groups: sizes of the stage-1 encoder copied as context
       encoder (`context_encoder_fields(aqvae)` fills them from the tokenizer).
@@ -592,7 +593,7 @@ class NextAccelTransformer(nn.Module):
   init_head: float = 0.02
   zero_init_cross_proj: bool = False
   stop_context_grad: bool = False
-  remat: bool = False
+  remat: bool | str = False
   enc_ch: int = 160
   enc_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
   enc_num_res_blocks: int = 2
@@ -671,7 +672,7 @@ class NextAccelTransformer(nn.Module):
     self.word_embed = nn.Dense(c, kernel_init=_normal(std), **kw)
     self.lvl_embed = nn.Embed(len(self.patch_nums) - 1, c, embedding_init=_normal(std), **kw)
     self.pos_1LC = self.param("pos_1LC", _normal(std), (1, self.seq_len, c), self.param_dtype)
-    block_cls = nn.remat(CrossSelfBlock, static_argnums=(6, 7)) if self.remat else CrossSelfBlock
+    block_cls = maybe_remat(CrossSelfBlock, self.remat, static_argnums=(6, 7))
     rates = self.drop_path_rates
     self.blocks = [
       block_cls(

@@ -208,11 +208,11 @@ def load_frozen(config: ml_collections.ConfigDict, disc, mesh) -> dict:
       # Jitted: eager init runs every initializer op by op, which is slow at ViT-B size.
       tower = jax.jit(disc.make_tower().init)(rng, x)["params"]
     frozen["tower"] = tower
-  return jax.device_put(frozen, sharding.replicated(mesh))
+  return sharding.place(frozen, mesh, config, prefix="frozen/")
 
 
 def create_train_state(config, model, tx, mesh, rng, disc=None, disc_tx=None, frozen=None):
-  """Creates the state already in its (replicated) sharding: `(state, state_sharding)`."""
+  """Creates the state already in its sharding (`config.sharding` rules): `(state, sharding)`."""
   size = config.data.image_size
   tower = (frozen or {}).get("tower") or None
 
@@ -236,7 +236,7 @@ def create_train_state(config, model, tx, mesh, rng, disc=None, disc_tx=None, fr
     )
 
   abstract = jax.eval_shape(init, rng)
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  state_sharding = sharding.state_shardings(abstract, mesh, config)
   state = jax.jit(init, out_shardings=state_sharding)(rng)
   return state, state_sharding
 
@@ -421,13 +421,17 @@ def eval_step(state: TrainState, batch: dict, *, model):
   }
 
 
-def jit_steps(config, model, tx, mesh, state_sharding, disc=None, disc_tx=None):
+def jit_steps(
+  config, model, tx, mesh, state_sharding, disc=None, disc_tx=None, frozen_sharding=None
+):
   """The jitted train and eval steps with explicit shardings (the state is donated).
 
-  The train step is `(state, batch, frozen) -> (state, metrics)`.
+  The train step is `(state, batch, frozen) -> (state, metrics)`; `frozen_sharding` is the
+  layout `load_frozen` gave the frozen networks (None: replicated).
   """
   data = sharding.data_sharding(mesh)
   repl = sharding.replicated(mesh)
+  frozen_sharding = repl if frozen_sharding is None else frozen_sharding
   train = jax.jit(
     functools.partial(
       train_step,
@@ -441,7 +445,7 @@ def jit_steps(config, model, tx, mesh, state_sharding, disc=None, disc_tx=None):
       adv_start_step=config.disc.start_step,
       seed=config.seed,
     ),
-    in_shardings=(state_sharding, data, repl),
+    in_shardings=(state_sharding, data, frozen_sharding),
     out_shardings=(state_sharding, repl),
     donate_argnums=0,
   )
@@ -464,8 +468,8 @@ def evaluate(
   names = ["ssim", "psnr"] + [f"lpips_{n}" for n in lpips_nets]
   scores = {k: {m: [] for m in names} for k in ("recon_all", "recon_r32", "zero_filled")}
   for batch in loader:
-    out = jax.tree.map(np.asarray, eval_fn(state, batch))
-    valid = np.asarray(batch["valid"])
+    out = sharding.to_host(eval_fn(state, batch))
+    valid = sharding.to_host(batch["valid"])
     gt = out["target"][valid]
     for key, s in scores.items():
       pred = out[key][valid]
@@ -500,7 +504,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains and evaluates stage 1; returns the final validation metrics."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  mesh = sharding.make_mesh(config.get("mesh") or None)
+  mesh = sharding.mesh_from_config(config)
   train_src, val_src = prepare.training_splits(config, workdir)
 
   steps_per_epoch = max(1, len(train_src) // config.data.batch_size)
@@ -512,7 +516,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   frozen = load_frozen(config, disc, mesh)
   rng = jax.random.key(config.seed)
   state, state_sharding = create_train_state(config, model, tx, mesh, rng, disc, disc_tx, frozen)
-  train_fn, eval_fn = jit_steps(config, model, tx, mesh, state_sharding, disc, disc_tx)
+  train_fn, eval_fn = jit_steps(
+    config, model, tx, mesh, state_sharding, disc, disc_tx, sharding.shardings_of(frozen)
+  )
+  batch_spec = pipeline.train_batch_spec(config.data.batch_size, config.data.image_size, mesh)
+  train_fn = common.compile_train_step(
+    train_fn, (state, batch_spec, frozen), name="aqvae", memory=config.get("memory")
+  )
 
   ckpt = checkpointing.Checkpointer(
     workdir,

@@ -7,12 +7,16 @@
   weight decay, by regex on their path).
 - Checks and measurements: `tree_norm` for the grad/param/update norms every log line carries,
   `check_finite` for the NaN abort, `StepTimer`, `count_params` and `periodic`.
+- Start-up: `compile_train_step` compiles the jitted step ahead of time from abstract inputs,
+  prints its memory per device (`step_memory`) and stops with `StepMemoryError` when it cannot
+  fit, before any data is loaded; the compiled step is what the loop then runs.
 
 Only process 0 writes files or draws the bar, so stage code calls these on every process alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
+from absl import logging
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -429,6 +434,107 @@ class Progress:
 
   def close(self) -> None:
     self._bar.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation and memory
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+  """Bytes per device of a compiled step, from XLA's buffer assignment.
+
+  Donated arguments are counted once (`aliased` is what outputs reuse of the arguments).
+  """
+
+  arguments: int
+  outputs: int
+  aliased: int
+  temporaries: int
+  code: int = 0
+
+  @property
+  def total(self) -> int:
+    return max(self.arguments + self.outputs - self.aliased + self.temporaries + self.code, 0)
+
+  def __str__(self) -> str:
+    return (
+      f"{format_bytes(self.total)} (arguments {format_bytes(self.arguments)}, outputs "
+      f"{format_bytes(self.outputs)}, donated {format_bytes(self.aliased)}, temporaries "
+      f"{format_bytes(self.temporaries)})"
+    )
+
+
+def format_bytes(n: int) -> str:
+  """`n` bytes in GiB from 1 GiB up, else in MiB."""
+  return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
+def step_memory(compiled) -> StepMemory | None:
+  """The memory of a `jax.stages.Compiled` per device, or None where XLA does not report it."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  return StepMemory(
+    arguments=int(mem.argument_size_in_bytes),
+    outputs=int(mem.output_size_in_bytes),
+    aliased=int(getattr(mem, "alias_size_in_bytes", 0)),
+    temporaries=int(mem.temp_size_in_bytes),
+    code=int(getattr(mem, "generated_code_size_in_bytes", 0)),
+  )
+
+
+def device_memory_limit() -> int | None:
+  """Bytes one local device may allocate, where the runtime says (GPU, TPU); None on CPU."""
+  stats = jax.local_devices()[0].memory_stats()
+  return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+class StepMemoryError(ValueError):
+  """The compiled train step needs more memory per device than the budget."""
+
+
+def compile_train_step(jitted, args: Sequence, *, name: str, memory=None):
+  """Compiles `jitted` for `args` ahead of time, prints its memory, checks that it fits.
+
+  Args:
+    jitted: A `jax.jit`-wrapped step.
+    args: Its positional arguments: arrays or `jax.ShapeDtypeStruct`s with shardings (for the
+      batch, `pipeline.train_batch_spec`), so nothing needs to be loaded yet.
+    name: The stage, for the printed line and the error.
+    memory: A config's `memory` section (`check`, `limit_gib`); None prints only.
+
+  Returns:
+    The `jax.stages.Compiled` step, called like `jitted` with arguments laid out like `args`.
+
+  Raises:
+    StepMemoryError: When `memory.check` is set and the step needs more than `memory.limit_gib`
+      (or the device's own limit when that is 0).
+  """
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  seconds = time.perf_counter() - start
+  mem = step_memory(compiled)
+  limit_gib = float(memory.get("limit_gib", 0.0)) if memory is not None else 0.0
+  limit = int(limit_gib * GIB) if limit_gib > 0 else device_memory_limit()
+  line = f"{name}: train step compiled in {seconds:.1f} s; "
+  line += f"{mem} per device" if mem is not None else "XLA reports no memory analysis"
+  line += f" of {format_bytes(limit)}" if limit else " (no device memory limit reported)"
+  logging.info("%s", line)
+  if _is_chief():
+    print(line, flush=True)
+  check = bool(memory.get("check", True)) if memory is not None else False
+  if check and limit and mem is not None and mem.total > limit:
+    raise StepMemoryError(
+      f"{name}: the train step needs {format_bytes(mem.total)} per device but only "
+      f"{format_bytes(limit)} are available (config.memory.limit_gib, 0 = the device's limit); "
+      "lower config.data.batch_size, rematerialise (config.model.remat='full' or 'dots'), "
+      "compute in bfloat16 (config.model.dtype) or shard the parameters over an fsdp mesh axis "
+      "(--config.mesh=\"(('data', -1), ('fsdp', 8))\")"
+    )
+  return compiled
 
 
 # ------------------------------------------------------------------------------------------------

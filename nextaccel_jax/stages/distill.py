@@ -107,13 +107,17 @@ def _with(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigD
   return out
 
 
-def load_transformer_params(path: str, field: str, model, image_size: int, mesh) -> dict:
-  """Params of a stage-2/3 workdir (best checkpoint, else latest), replicated over the mesh."""
+def load_transformer_params(
+  path: str, field: str, model, image_size: int, mesh, config=None
+) -> dict:
+  """Params of a stage-2/3 workdir (best checkpoint, else latest), laid out on the mesh by the
+  `config.sharding` rules for frozen trees (defaults when None)."""
   abstract = jax.eval_shape(
     lambda: transformer_lib.init_params(model, jax.random.key(0), image_size)["params"]
   )
-  repl = sharding.replicated(mesh)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
+  abstract = sharding.with_shardings(
+    abstract, sharding.state_shardings(abstract, mesh, config, prefix="frozen/")
+  )
   try:
     return checkpointing.load_best_or_latest(path, {"params": abstract})["params"]
   except FileNotFoundError as e:
@@ -126,13 +130,14 @@ def load_transformer_params(path: str, field: str, model, image_size: int, mesh)
 
 
 def create_train_state(config, model, tx, mesh, student_params):
-  """Replicated state starting from the stage-2 student's params, with a fresh optimiser."""
+  """The state (laid out by `config.sharding`) starting from the stage-2 student's params, with a
+  fresh optimiser."""
 
   def init(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   abstract = jax.eval_shape(init, student_params)
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  state_sharding = sharding.state_shardings(abstract, mesh, config)
   return jax.jit(init, out_shardings=state_sharding)(student_params), state_sharding
 
 
@@ -278,10 +283,27 @@ def eval_step(state, batch, tok_vars, teacher_params, *, model, teacher, tokeniz
   return {"kl_BL": aux["kl_BL"], "agree_BL": agree_BL}
 
 
-def jit_steps(config, model, teacher, tokenizer, tx, mesh, state_sharding):
-  """`(train, eval_kl)`: `(state, batch, tok_vars, teacher_params) -> ...`."""
+def jit_steps(
+  config,
+  model,
+  teacher,
+  tokenizer,
+  tx,
+  mesh,
+  state_sharding,
+  tok_sharding=None,
+  teacher_sharding=None,
+):
+  """`(train, eval_kl)`: `(state, batch, tok_vars, teacher_params) -> ...`.
+
+  `tok_sharding` and `teacher_sharding` are the layouts the frozen tokenizer and teacher were
+  loaded with (None: replicated).
+  """
   data = sharding.data_sharding(mesh)
   repl = sharding.replicated(mesh)
+  tok_sharding = repl if tok_sharding is None else tok_sharding
+  teacher_sharding = repl if teacher_sharding is None else teacher_sharding
+  frozen = (tok_sharding, teacher_sharding)
   direction = config.distill.direction
   train = jax.jit(
     functools.partial(
@@ -294,7 +316,7 @@ def jit_steps(config, model, teacher, tokenizer, tx, mesh, state_sharding):
       direction=direction,
       seed=config.seed,
     ),
-    in_shardings=(state_sharding, data, repl, repl),
+    in_shardings=(state_sharding, data, *frozen),
     out_shardings=(state_sharding, repl),
     donate_argnums=0,
   )
@@ -302,7 +324,7 @@ def jit_steps(config, model, teacher, tokenizer, tx, mesh, state_sharding):
     functools.partial(
       eval_step, model=model, teacher=teacher, tokenizer=tokenizer, direction=direction
     ),
-    in_shardings=(state_sharding, data, repl, repl),
+    in_shardings=(state_sharding, data, *frozen),
     out_shardings=data,
   )
   return train, eval_kl
@@ -326,8 +348,8 @@ def evaluate_kl(
   kl = [[] for _ in layout]
   agree = [[] for _ in layout]
   for batch in loader:
-    valid = np.asarray(batch["valid"])
-    out = jax.tree.map(np.asarray, eval_kl(state, batch, tok_vars, teacher_params))
+    valid = sharding.to_host(batch["valid"])
+    out = sharding.to_host(eval_kl(state, batch, tok_vars, teacher_params))
     for j, (b, e) in enumerate(layout):
       kl[j].extend(out["kl_BL"][valid, b:e].mean(axis=1))
       agree[j].extend(out["agree_BL"][valid, b:e].mean(axis=1))
@@ -358,13 +380,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "teacher_from",
     "point it at the stage-2 teacher workdir (configs/teacher.py)",
   )
-  mesh = sharding.make_mesh(config.get("mesh") or None)
+  mesh = sharding.mesh_from_config(config)
   tok_config = _with(config, tokenizer_from=tokenizer_source(config))
   tokenizer = transformer_stage.make_tokenizer(tok_config)
   tok_vars = transformer_stage.load_tokenizer(tok_config, tokenizer, mesh)
   model, teacher = make_models(config)
   size = config.data.image_size
-  teacher_params = load_transformer_params(teacher_dir, "teacher_from", teacher, size, mesh)
+  teacher_params = load_transformer_params(teacher_dir, "teacher_from", teacher, size, mesh, config)
   train_src, val_src = prepare.training_splits(config, workdir)
 
   steps_per_epoch = max(1, len(train_src) // config.data.batch_size)
@@ -380,7 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = ckpt.latest_step()
   if start is None:
     try:
-      params = load_transformer_params(student_dir, "init_from", model, size, mesh)
+      params = load_transformer_params(student_dir, "init_from", model, size, mesh, config)
     except (FileNotFoundError, ValueError):
       ckpt.close()
       raise
@@ -394,9 +416,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if start is not None:
     state, _ = ckpt.restore(checkpointing.abstract_like(state), start)
     logging.info("resumed from %s at step %d", workdir, start)
-  train_fn, eval_kl = jit_steps(config, model, teacher, tokenizer, tx, mesh, state_sharding)
+  tok_sharding = sharding.shardings_of(tok_vars)
+  train_fn, eval_kl = jit_steps(
+    config,
+    model,
+    teacher,
+    tokenizer,
+    tx,
+    mesh,
+    state_sharding,
+    tok_sharding,
+    sharding.shardings_of(teacher_params),
+  )
   _, tf_eval_fn, recon_fn = transformer_stage.jit_steps(
-    config, model, tokenizer, tx, mesh, state_sharding
+    config, model, tokenizer, tx, mesh, state_sharding, tok_sharding
+  )
+  batch_spec = pipeline.train_batch_spec(config.data.batch_size, size, mesh)
+  train_fn = common.compile_train_step(
+    train_fn,
+    (state, batch_spec, tok_vars, teacher_params),
+    name="distill",
+    memory=config.get("memory"),
   )
   meta = {
     "stage": "distill",

@@ -41,6 +41,8 @@ from nextaccel_jax.evaluation import metrics as np_metrics
 from nextaccel_jax.stages import common
 
 DECODINGS = ("argmax", "multinomial", "top_k", "top_p")
+# Rows of a model with its measured R = 32 samples enforced (config.data_consistency).
+DC_SUFFIX = "+DC"
 LEVEL_NAMES = ("Q32", "+Q16", "+Q8", "+Q4", "+Q2", "+QFS")
 
 
@@ -154,7 +156,7 @@ def _settings(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], ...]:
 
 
 def _check_batch(batch_size: int, mesh) -> None:
-  devices = mesh.shape[sharding.DATA_AXIS]
+  devices = sharding.batch_divisor(mesh)
   if batch_size < 1 or batch_size % devices:
     raise ValueError(
       f"config.batch_size={batch_size} must be a positive multiple of the {devices} devices of "
@@ -213,15 +215,6 @@ def _open_split(config: ml_collections.ConfigDict, workdir):
     prepare.build_from_config(config, data_dir)
   name = prepare.dataset_name(config)
   return pipeline.load_split(name, config.split, data_dir), name, data_dir
-
-
-def _host(x) -> np.ndarray:
-  """A global array as one numpy array on every process."""
-  if getattr(x, "is_fully_addressable", True):
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,7 +304,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   models = model_sources(config)
   decodings = sampling_variants(config)
   families, protocols, nets = _settings(config)
-  mesh = sharding.make_mesh(config.get("mesh") or None)
+  mesh = sharding.mesh_from_config(config)
   _check_batch(config.batch_size, mesh)
   if config.max_records < 0:
     raise ValueError(f"config.max_records must be >= 0 (0 = all), got {config.max_records}")
@@ -341,8 +334,25 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
       )
     recs[name] = _replicate(rec, mesh)
 
+  dc = config.get("data_consistency")
+  consistency = None
+  if dc is not None and dc.enabled:
+    consistency = inference.ConsistencyConfig(iterations=int(dc.iterations), phase=dc.phase)
+    if consistency.phase not in inference.DC_PHASES or consistency.iterations < 1:
+      raise ValueError(
+        f"config.data_consistency: phase must be one of {inference.DC_PHASES} and iterations "
+        f">= 1, got {consistency.phase!r} and {consistency.iterations}"
+      )
+  row_models = [m for m, _ in models]
+  if consistency is not None:
+    row_models += [m + DC_SUFFIX for m, _ in models]
   loader = pipeline.EvalLoader(
-    source, global_batch_size=config.batch_size, mesh=mesh, families=families, max_records=num
+    source,
+    global_batch_size=config.batch_size,
+    mesh=mesh,
+    families=families,
+    max_records=num,
+    with_maps=consistency is not None,
   )
   # Volume order within each family, so volumes complete early and leave memory (the loader's
   # own order is the split's, which TFDS shuffles).
@@ -369,13 +379,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   )
   with common.Progress(len(loader), desc="evaluate") as bar:
     for k, batch in enumerate(loader):
-      valid = _host(batch["valid"])
-      record = _host(batch["record"])
-      fam_ids = _host(batch["family"])
+      valid = sharding.to_host(batch["valid"])
+      record = sharding.to_host(batch["record"])
+      fam_ids = sharding.to_host(batch["family"])
       rows = [(i, masks.FAMILIES[int(fam_ids[i])], int(record[i])) for i in np.flatnonzero(valid)]
       x_r32 = batch["levels"][:, 0]
-      zero = _host(magnitude(x_r32))
-      target = _host(magnitude(batch["levels"][:, -1]))
+      if consistency is not None:
+        mask32 = batch["mask_levels"] == 0
+      zero = sharding.to_host(magnitude(x_r32))
+      target = sharding.to_host(magnitude(batch["levels"][:, -1]))
       for i, fam, r in rows:
         scorer.add(report.ZERO_FILLED, fam, r, zero[i], target[i])
         if r in fig_records:
@@ -391,16 +403,23 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
           )
           if levels:
             x_hat, aux = out
-            levels_BKHW = _host(magnitude(aux["levels_BKHW2"]))
+            levels_BKHW = sharding.to_host(magnitude(aux["levels_BKHW2"]))
           else:
             x_hat = out
-          pred = _host(magnitude(x_hat))
-          row = report.row_name(name, dec)
-          for i, fam, r in rows:
-            scorer.add(row, fam, r, pred[i], target[i])
-            if r in fig_records and dec == first_decoding:
-              figs[fam]["recon"].setdefault(name, {})[r] = pred[i]
-              if levels:
+          variants = [(name, x_hat)]
+          if consistency is not None:
+            x_dc = rec.data_consistent(x_hat, x_r32, mask32, batch["maps"], consistency)
+            variants.append((name + DC_SUFFIX, x_dc))
+          for row_model, x in variants:
+            pred = sharding.to_host(magnitude(x))
+            row = report.row_name(row_model, dec)
+            for i, fam, r in rows:
+              scorer.add(row, fam, r, pred[i], target[i])
+              if r in fig_records and dec == first_decoding:
+                figs[fam]["recon"].setdefault(row_model, {})[r] = pred[i]
+          if levels:
+            for i, fam, r in rows:
+              if r in fig_records:
                 figs[fam]["levels"][r] = levels_BKHW[i]
       bar.update(k + 1)
   scores = scorer.result()
@@ -419,6 +438,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     "Models": "; ".join(f"{n} ← `{s}`" for n, s in models),
     "Tokenizer override": config.tokenizer_from or "none",
     "Decoding": sampling_note,
+    "Data consistency": (
+      f"rows `<model>{DC_SUFFIX}`: {consistency.iterations} steps on the R = 32 samples, "
+      f"{consistency.phase} phase"
+      if consistency is not None
+      else "off"
+    ),
     "Seed": str(config.seed),
     "LPIPS": ", ".join(nets) or "off",
     "Devices": f"{jax.device_count()} × {jax.devices()[0].platform}",
@@ -428,7 +453,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     text = report.render_report(
       metrics,
       header=header,
-      models=[m for m, _ in models],
+      models=row_models,
       decodings=[d for d, _ in decodings],
       families=families,
       protocols=protocols,

@@ -52,9 +52,10 @@ class TrainState:
 
 
 def make_tokenizer(config: ml_collections.ConfigDict) -> aqvae.AQVAE:
-  """The stage-1 AQ-VAE with `config.tokenizer`'s sizes, in float32 (it only runs forward)."""
+  """The stage-1 AQ-VAE with `config.tokenizer`'s sizes and compute dtype (the one stage 1 trained
+  with; codebook distances stay float32), without remat since it only runs forward."""
   fields = dict(config.tokenizer)
-  fields["dtype"] = jnp.float32
+  fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
   fields["param_dtype"] = jnp.float32
   fields["remat"] = False
   return aqvae.AQVAE(**fields)
@@ -74,7 +75,7 @@ def make_model(config: ml_collections.ConfigDict) -> transformer_lib.NextAccelTr
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, tokenizer: aqvae.AQVAE, mesh) -> dict:
-  """`{"params", "vq_ema"}` of the trained tokenizer, replicated over the mesh.
+  """`{"params", "vq_ema"}` of the trained tokenizer, laid out by the `config.sharding` rules.
 
   Reads the best checkpoint of the stage-1 workdir `config.tokenizer_from` (or its latest one
   when no best was kept).
@@ -92,8 +93,9 @@ def load_tokenizer(config: ml_collections.ConfigDict, tokenizer: aqvae.AQVAE, me
   abstract = jax.eval_shape(
     lambda: aqvae.init_variables(tokenizer, jax.random.key(0), config.data.image_size)
   )
-  repl = sharding.replicated(mesh)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
+  abstract = sharding.with_shardings(
+    abstract, sharding.state_shardings(abstract, mesh, config, prefix="frozen/")
+  )
   try:
     tree = checkpointing.load_best_or_latest(path, dict(abstract))
   except (ValueError, KeyError) as e:
@@ -111,7 +113,8 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
 
 
 def create_train_state(config, model, tx, mesh, rng, tokenizer_variables):
-  """The replicated state; the context encoder starts as a copy of the stage-1 encoder."""
+  """The state laid out by `config.sharding`; the context encoder starts as a copy of the stage-1
+  encoder."""
   size = config.data.image_size
 
   def init(rng, tok_params):
@@ -121,7 +124,7 @@ def create_train_state(config, model, tx, mesh, rng, tokenizer_variables):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   abstract = jax.eval_shape(init, rng, tokenizer_variables["params"])
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  state_sharding = sharding.state_shardings(abstract, mesh, config)
   state = jax.jit(init, out_shardings=state_sharding)(rng, tokenizer_variables["params"])
   return state, state_sharding
 
@@ -213,17 +216,21 @@ def recon_step(state: TrainState, batch: dict, tok_vars: dict, *, model, tokeniz
   }
 
 
-def jit_steps(config, model, tokenizer, tx, mesh, state_sharding):
-  """`(train, eval, recon)`; train is `(state, batch, tok_vars) -> (state, metrics)`."""
+def jit_steps(config, model, tokenizer, tx, mesh, state_sharding, tok_sharding=None):
+  """`(train, eval, recon)`; train is `(state, batch, tok_vars) -> (state, metrics)`.
+
+  `tok_sharding` is the layout `load_tokenizer` gave the tokenizer (None: replicated).
+  """
   data = sharding.data_sharding(mesh)
   repl = sharding.replicated(mesh)
+  tok_sharding = repl if tok_sharding is None else tok_sharding
   train = jax.jit(
     functools.partial(train_step, model=model, tokenizer=tokenizer, tx=tx, seed=config.seed),
-    in_shardings=(state_sharding, data, repl),
+    in_shardings=(state_sharding, data, tok_sharding),
     out_shardings=(state_sharding, repl),
     donate_argnums=0,
   )
-  kw = dict(in_shardings=(state_sharding, data, repl), out_shardings=data)
+  kw = dict(in_shardings=(state_sharding, data, tok_sharding), out_shardings=data)
   evaluate_fn = jax.jit(functools.partial(eval_step, model=model, tokenizer=tokenizer), **kw)
   recon_fn = jax.jit(functools.partial(recon_step, model=model, tokenizer=tokenizer), **kw)
   return train, evaluate_fn, recon_fn
@@ -251,15 +258,15 @@ def evaluate(
   acc = [[] for _ in layout]
   images = {"recon": {}, "zero_filled": {}}
   for i, batch in enumerate(loader):
-    valid = np.asarray(batch["valid"])
-    out = jax.tree.map(np.asarray, eval_fn(state, batch, tok_vars))
+    valid = sharding.to_host(batch["valid"])
+    out = sharding.to_host(eval_fn(state, batch, tok_vars))
     for j, (b, e) in enumerate(layout):
       ce[j].extend(out["ce_BL"][valid, b:e].mean(axis=1))
       acc[j].extend(out["hit_BL"][valid, b:e].mean(axis=1))
     if not recon_batches or i < recon_batches:
-      r = jax.tree.map(np.asarray, recon_fn(state, batch, tok_vars))
+      r = sharding.to_host(recon_fn(state, batch, tok_vars))
       gt = r["target"][valid]
-      family = np.asarray(batch["family"])[valid]
+      family = sharding.to_host(batch["family"])[valid]
       for key, scores in images.items():
         pred = r[key][valid]
         values = {
@@ -298,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains and evaluates the student or teacher; returns the final validation metrics."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  mesh = sharding.make_mesh(config.get("mesh") or None)
+  mesh = sharding.mesh_from_config(config)
   tokenizer = make_tokenizer(config)
   tok_vars = load_tokenizer(config, tokenizer, mesh)
   train_src, val_src = prepare.training_splits(config, workdir)
@@ -310,7 +317,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, state_sharding = create_train_state(
     config, model, tx, mesh, jax.random.key(config.seed), tok_vars
   )
-  train_fn, eval_fn, recon_fn = jit_steps(config, model, tokenizer, tx, mesh, state_sharding)
+  train_fn, eval_fn, recon_fn = jit_steps(
+    config, model, tokenizer, tx, mesh, state_sharding, sharding.shardings_of(tok_vars)
+  )
+  batch_spec = pipeline.train_batch_spec(config.data.batch_size, config.data.image_size, mesh)
+  train_fn = common.compile_train_step(
+    train_fn, (state, batch_spec, tok_vars), name=config.model.role, memory=config.get("memory")
+  )
 
   ckpt = checkpointing.Checkpointer(
     workdir,

@@ -6,7 +6,6 @@ import json
 import jax
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from nextaccel_jax import sharding
 from nextaccel_jax.data import (
@@ -105,7 +104,7 @@ def test_eval_loader_round_trip(sources, mesh):
   seen = 0
   for batch in loader:
     assert batch["levels"].shape == (8, 6, N, N, 2)
-    assert batch["levels"].sharding.spec == P(sharding.DATA_AXIS)
+    assert batch["levels"].sharding == sharding.data_sharding(mesh)
     host = jax.tree.map(np.asarray, batch)
     for row in range(8):
       if not host["valid"][row]:
@@ -116,6 +115,10 @@ def test_eval_loader_round_trip(sources, mesh):
       np.testing.assert_array_equal(host["acc_index"][row], np.arange(6))
       seen += 1
   assert seen == n_items
+  # With maps, every row also carries its coil sensitivities (for data consistency).
+  batch = next(iter(pipeline.EvalLoader(val, global_batch_size=8, mesh=mesh, with_maps=True)))
+  host = jax.tree.map(np.asarray, batch)
+  np.testing.assert_array_equal(host["maps"][0], val[int(host["record"][0])]["maps"])
 
 
 def test_eval_loader_rejects_train_split(sources, mesh):
@@ -129,8 +132,11 @@ def test_train_loader_batches(sources, mesh):
   loader = pipeline.TrainLoader(train, global_batch_size=8, mesh=mesh, seed=3)
   batch = next(loader)
   assert batch["levels"].shape == (8, 6, N, N, 2)
-  assert batch["levels"].sharding.spec == P(sharding.DATA_AXIS)
+  assert batch["levels"].sharding == sharding.data_sharding(mesh)
   assert batch["family"].shape == (8,) and batch["acc_index"].shape == (8, 6)
+  # What a stage compiles its train step for before reading any record.
+  layout = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), t)
+  assert layout(batch) == layout(pipeline.train_batch_spec(8, N, mesh))
   host = loader.host_batch(0)
   levels = np.asarray(batch["levels"])
   for row in range(8):

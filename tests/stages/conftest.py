@@ -1,11 +1,15 @@
 """Stage tests run a few steps of whole train loops, where XLA's optimisation passes cost more
 compile time than they save; both sides of every comparison run with the same setting. The smoke
-dataset they train on is built once per session."""
+dataset they train on is built once per session; `smoke_pipeline` (tests/conftest.py) is one run of
+every stage, whose workdirs the stage tests inspect and resume against instead of training again."""
 
 import jax
 import pytest
 
+from configs import aqvae as aqvae_config
+from nextaccel_jax import checkpointing, sharding
 from nextaccel_jax.data import build
+from nextaccel_jax.stages import aqvae
 
 
 @pytest.fixture(autouse=True, scope="package")
@@ -21,4 +25,19 @@ def smoke_data_dir(tmp_path_factory) -> str:
   """The smoke TFDS dataset, built once for every stage test that reads it (none writes to it)."""
   d = tmp_path_factory.mktemp("tfds")
   build.build("smoke", data_dir=d)
+  return str(d)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> str:
+  """A stage-1 workdir holding a (randomly initialised) smoke tokenizer checkpoint."""
+  config = aqvae_config.get_config("smoke")
+  config.loss.adversarial = 0.0
+  mesh = sharding.make_mesh()
+  model = aqvae.make_model(config)
+  tx, _ = aqvae.make_optimizer(config, 4)
+  state, _ = aqvae.create_train_state(config, model, tx, mesh, jax.random.key(3))
+  d = tmp_path_factory.mktemp("aqvae")
+  with checkpointing.Checkpointer(d) as ckpt:
+    ckpt.save(1, state)
   return str(d)

@@ -8,13 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import aqvae as aqvae_config
 from configs import distill as distill_config
-from configs import transformer as transformer_config
-from nextaccel_jax import checkpointing, inference, losses, sharding
+from nextaccel_jax import inference, losses, sharding
 from nextaccel_jax.models import aqvae as aqvae_lib
 from nextaccel_jax.models import transformer as transformer_lib
-from nextaccel_jax.stages import aqvae, common, distill, transformer
+from nextaccel_jax.stages import common, distill, transformer
 
 # --------------------------------------------------------------------------------------------------
 # The objective
@@ -129,55 +127,18 @@ def test_gradient_reaches_only_the_student(tiny):
 # The stage loop on the smoke dataset
 
 
-@pytest.fixture(scope="module")
-def workdirs(tmp_path_factory, smoke_data_dir):
-  """Stage-1/stage-2 workdirs with random weights, written like the stages, and the smoke data."""
-  mesh = sharding.make_mesh()
-  a_config = aqvae_config.get_config("smoke")
-  a_model = aqvae.make_model(a_config)
-  a_tx, _ = aqvae.make_optimizer(a_config, 4)
-  a_state, _ = aqvae.create_train_state(a_config, a_model, a_tx, mesh, jax.random.key(3))
-  tok_dir = tmp_path_factory.mktemp("aqvae")
-  with checkpointing.Checkpointer(tok_dir) as ckpt:
-    ckpt.save(1, a_state)
-  tok_vars = {"params": a_state.params, "vq_ema": a_state.vq_ema}
-  dirs = {"data": smoke_data_dir, "aqvae": str(tok_dir)}
-  for i, role in enumerate(("student", "teacher")):
-    config = transformer_config.get_config(role, "smoke")
-    config.tokenizer_from = str(tok_dir)
-    model = transformer.make_model(config)
-    tx, _ = transformer.make_optimizer(config, 4)
-    state, _ = transformer.create_train_state(
-      config, model, tx, mesh, jax.random.key(10 + i), tok_vars
-    )
-    d = tmp_path_factory.mktemp(role)
-    with checkpointing.Checkpointer(d) as ckpt:
-      ckpt.save(1, state)
-    common.MetricWriter(d).write_config(config)
-    dirs[role] = str(d)
-  return dirs
-
-
-def _config(dirs, **overrides):
-  config = distill_config.get_config("smoke")
-  config.data.data_dir = dirs["data"]
-  config.init_from = dirs["student"]
-  config.teacher_from = dirs["teacher"]
-  config.update_from_flattened_dict(overrides)
-  return config
-
-
 def _train(workdir, key="loss"):
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   return {r["step"]: r[key] for r in lines if r.get("split") == "train"}
 
 
-def test_distill_smoke_run_and_resume(workdirs, tmp_path):
-  straight, split = tmp_path / "straight", tmp_path / "split"
-  final = distill.train_and_evaluate(_config(workdirs), straight)
+def test_distill_smoke_run_and_resume(smoke_pipeline, stage_config, tmp_path):
+  # The smoke pipeline's distillation is this stage's smoke run.
+  root = smoke_pipeline[0]
+  straight, split = root / "distill", tmp_path / "split"
+  final = json.loads((straight / "final_metrics.json").read_text())
   for key in ["kl", "neg_kl", "agree", "tf/ce", "recon/ssim", "recon/psnr", "zero_filled/ssim"]:
     assert np.isfinite(final[key]), key
-  assert json.loads((straight / "final_metrics.json").read_text()) == pytest.approx(final)
   lines = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
   last = [r for r in lines if r["split"] == "train"][-1]
   for key in ["agree", "argmax_agree", "grad_norm", "update_norm"]:
@@ -186,33 +147,36 @@ def test_distill_smoke_run_and_resume(workdirs, tmp_path):
   kl = [last[f"kl/scale_{k}"] for k in range(1, 6)]
   assert last["loss"] == pytest.approx(np.mean(kl), rel=1e-5)
   assert last["update_norm"] > 0
-  # The tokenizer comes from the student's recorded stage-1 workdir, and is written down.
-  written = json.loads((straight / "config.json").read_text())
-  assert written["tokenizer_from"] == workdirs["aqvae"]
   # The workdir loads like a stage-2 student's.
-  student = transformer.make_model(_config(workdirs))
+  student = transformer.make_model(stage_config("distill"))
   params = distill.load_transformer_params(str(straight), "x", student, 64, sharding.make_mesh())
   assert jax.tree.structure(params) == jax.tree.structure(
     transformer_lib.init_params(student, jax.random.key(0), 64)["params"]
   )
   # Rollout keys are functions of (seed, step): a run split in two repeats the straight losses.
+  # Without tokenizer_from, the tokenizer is the stage-1 workdir the student recorded, and the
+  # run writes it down.
   for _ in range(2):
-    distill.train_and_evaluate(_config(workdirs, max_steps_per_run=1), split)
+    distill.train_and_evaluate(
+      stage_config("distill", max_steps_per_run=1, tokenizer_from=""), split
+    )
+  written = json.loads((split / "config.json").read_text())
+  assert written["tokenizer_from"] == str(root / "aqvae")
   np.testing.assert_allclose(
     list(_train(split).values()), list(_train(straight).values()), rtol=1e-5
   )
 
 
-def test_distill_errors_name_the_field(workdirs, tmp_path):
+def test_distill_errors_name_the_field(smoke_pipeline, stage_config, tmp_path):
   with pytest.raises(ValueError, match="config.init_from is empty"):
-    distill.train_and_evaluate(_config(workdirs, init_from=""), tmp_path)
+    distill.train_and_evaluate(stage_config("distill", init_from=""), tmp_path)
   with pytest.raises(FileNotFoundError, match="config.teacher_from=.*no such directory"):
-    distill.train_and_evaluate(_config(workdirs, teacher_from=str(tmp_path / "nope")), tmp_path)
+    distill.train_and_evaluate(
+      stage_config("distill", teacher_from=str(tmp_path / "nope")), tmp_path
+    )
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="config.teacher_from=.*no stage-2 checkpoint"):
-    distill.train_and_evaluate(
-      _config(workdirs, teacher_from=str(empty), tokenizer_from=workdirs["aqvae"]), tmp_path
-    )
+    distill.train_and_evaluate(stage_config("distill", teacher_from=str(empty)), tmp_path)
   with pytest.raises(ValueError, match="does not match"):
-    distill.train_and_evaluate(_config(workdirs, **{"teacher.width": 64}), tmp_path)
+    distill.train_and_evaluate(stage_config("distill", **{"teacher.width": 64}), tmp_path)

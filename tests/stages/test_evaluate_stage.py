@@ -73,7 +73,14 @@ def test_smoke_run_writes_a_consistent_report(smoke_data_dir, patched, tmp_path)
   assert json.loads((tmp_path / "final_metrics.json").read_text()) == pytest.approx(metrics)
 
   for family in FAMILIES:
-    for row in ("zero_filled", "base/argmax", "base/top_k", "distilled/argmax"):
+    for row in (
+      "zero_filled",
+      "base/argmax",
+      "base/top_k",
+      "distilled/argmax",
+      "base+DC/argmax",
+      "distilled+DC/top_k",
+    ):
       for key in ("paper/psnr", "paper/ssim", "paper/lpips_alex", "fastmri/psnr", "fastmri/ssim"):
         assert np.isfinite(metrics[f"{row}/{family}/{key}"]), (row, family, key)
     # The smoke validation split is one T2 volume of two slices.
@@ -85,8 +92,9 @@ def test_smoke_run_writes_a_consistent_report(smoke_data_dir, patched, tmp_path)
 
   with open(tmp_path / "per_slice.csv") as f:
     rows = list(csv.DictReader(f))
-  # (zero-filled + 2 models × 2 decodings) × 4 families × 2 slices.
-  assert len(rows) == 5 * 4 * 2
+  # (zero-filled + 2 models × 2 decodings, with and without data consistency) × 4 families ×
+  # 2 slices.
+  assert len(rows) == 9 * 4 * 2
   assert {r["contrast"] for r in rows} == {"T2"}
   assert {r["slice_index"] for r in rows} == {"0", "1"}
   for model, decoding in (("distilled", "argmax"), ("base", "top_k"), ("zero_filled", "")):
@@ -104,6 +112,8 @@ def test_smoke_run_writes_a_consistent_report(smoke_data_dir, patched, tmp_path)
   text = (tmp_path / "report.md").read_text()
   assert "fastmri_brain_multiscale/smoke" in text
   assert "base ← `runs/student`" in text
+  assert "rows `<model>+DC`: 10 steps on the R = 32 samples, input phase" in text
+  assert "| distilled+DC |" in text
   for family in FAMILIES:
     assert text.count(f"### {family} (decoding: argmax)") == 2
   assert text.count("### Decoding variants") == 2
@@ -112,10 +122,10 @@ def test_smoke_run_writes_a_consistent_report(smoke_data_dir, patched, tmp_path)
   psnr = metrics["distilled/argmax/radial/paper/psnr"]
   assert f"{psnr:.2f} ± " in text
 
-  # Columns: input, base (recon, error), distilled (recon, error), target; two slices.
+  # Columns: input, base, distilled, base+DC, distilled+DC (recon and error each), target.
   for family in FAMILIES:
     with Image.open(tmp_path / "figures" / f"{family}.png") as im:
-      assert im.format == "PNG" and im.size == report.grid_size(2, 6)
+      assert im.format == "PNG" and im.size == report.grid_size(2, 10)
     with Image.open(tmp_path / "figures" / f"{family}_levels.png") as im:
       assert im.size == report.grid_size(2, 8)
 
