@@ -4,7 +4,7 @@
   python bench/scaling.py --preset=demo --per_device_batch=2 --devices=1,2,4,8
   python bench/scaling.py --preset=paper --devices=1 --per_device_batch=8 --peak_tflops=989 \
       --stages=transformer                                   # one GPU, paper size
-  python bench/scaling.py --fsdp                             # shard parameters over the devices
+  python bench/scaling.py --fsdp --fsdp_min_size=0           # shard every divisible parameter
 
 Weak scaling: the global batch is `per_device_batch × devices`, so a perfectly parallel step keeps
 its time and multiplies images/s by the device count; efficiency = (images/s per device) / (that of
@@ -31,6 +31,9 @@ def main() -> int:
   p.add_argument("--per_device_batch", type=int, default=1)
   p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
   p.add_argument("--fsdp", action="store_true", help="all devices on the fsdp axis")
+  p.add_argument(
+    "--fsdp_min_size", type=int, default=-1, help="config.sharding.fsdp_min_size (-1: preset)"
+  )
   p.add_argument("--dtype", default="", help="override the compute dtype")
   p.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak for MFU")
   args = p.parse_args()
@@ -72,6 +75,8 @@ def main() -> int:
       config = get[stage]()
       if args.dtype:
         config.model.dtype = args.dtype
+      if args.fsdp_min_size >= 0:
+        config.sharding.fsdp_min_size = args.fsdp_min_size
       batch_size = args.per_device_batch * n
       config.data.batch_size = batch_size
       axes = (("data", 1), ("fsdp", n)) if args.fsdp else (("data", n), ("fsdp", 1))
@@ -88,6 +93,7 @@ def main() -> int:
       mfu = flops / dt / (args.peak_tflops * 1e12 * n) if args.peak_tflops else None
       rows.append((stage, n, batch_size, dt, ips, eff, mem.total / 2**30 if mem else None, mfu))
       print(f"step {dt:.3f} s, {ips:.2f} images/s, parallel efficiency {eff:.0%}")
+      print(f"state layouts: {sharding.describe(step.state_sharding)}")
 
   print("\n| stage | devices | batch | step (s) | images/s | efficiency | GiB/device | MFU |")
   print("|---|---|---|---|---|---|---|---|")

@@ -33,8 +33,10 @@ def md(cell_id: str, source: str):
   return _cell("md", cell_id, source)
 
 
-def code(cell_id: str, source: str, tags: tuple[str, ...] = ()):
-  cell = _cell("code", cell_id, source)
+def code(cell_id: str, *sources: str, tags: tuple[str, ...] = ()):
+  # Several sources make one cell, two blank lines apart (shared helpers are written once).
+  text = "\n\n\n".join(textwrap.dedent(src).strip("\n") for src in sources)
+  cell = _cell("code", cell_id, text)
   if tags:
     cell.metadata["tags"] = list(tags)
   return cell
@@ -99,6 +101,24 @@ if not installed or FORCE_INSTALL:
 # found by a fresh interpreter: the checkout on sys.path serves both right away.
 sys.path.insert(0, str(checkout))
 print(f"nextaccel_jax from {checkout}")
+'''
+
+
+# The metrics printer both notebooks' config cells end with.
+_SHOW = '''
+def show(name: str, stage_metrics: dict, *keys: str) -> None:
+  """Prints some of a stage's final validation metrics (all of them are in its
+  folder's final_metrics.json and, per evaluation, metrics.jsonl)."""
+  # A stage that had finished before returns nothing; its folder keeps the numbers.
+  if not stage_metrics:
+    stage_metrics = json.loads((workdirs[name] / "final_metrics.json").read_text())
+  for key in keys:
+    if key in stage_metrics:
+      print(f"  {key}: {stage_metrics[key]:.4g}")
+
+
+# Token accuracy, then autoregressive reconstructions against the zero-filled input.
+STAGE2_KEYS = ("acc", "recon/psnr", "zero_filled/psnr", "recon/ssim", "zero_filled/ssim")
 '''
 
 
@@ -212,22 +232,8 @@ def quickstart():
         print("teacher starts from:", stage_configs["teacher"].init_from or "scratch")
         print("distillation: student", stage_configs["distill"].init_from)
         print("              teacher", stage_configs["distill"].teacher_from)
-
-
-        def show(name: str, stage_metrics: dict, *keys: str) -> None:
-          \"\"\"Prints some of a stage's final validation metrics (all of them are in its
-          folder's final_metrics.json and, per evaluation, metrics.jsonl).\"\"\"
-          # A stage that had finished before returns nothing; its folder keeps the numbers.
-          if not stage_metrics:
-            stage_metrics = json.loads((workdirs[name] / "final_metrics.json").read_text())
-          for key in keys:
-            if key in stage_metrics:
-              print(f"  {key}: {stage_metrics[key]:.4g}")
-
-
-        # Token accuracy, then autoregressive reconstructions against the zero-filled input.
-        STAGE2_KEYS = ("acc", "recon/psnr", "zero_filled/psnr", "recon/ssim", "zero_filled/ssim")
         """,
+        _SHOW,
       ),
       md(
         "data-md",
@@ -731,22 +737,8 @@ def train_tpu():
         for name in ("aqvae", "student", "teacher", "distill"):
           c = stage_configs[name]
           print(f"{name}: {c.num_epochs} epochs, batch {c.data.batch_size} → {workdirs[name]}")
-
-
-        def show(name: str, stage_metrics: dict, *keys: str) -> None:
-          \"\"\"Prints some of a stage's final validation metrics (all of them are in its
-          folder's final_metrics.json and, per evaluation, metrics.jsonl).\"\"\"
-          # A stage that had finished before returns nothing; its folder keeps the numbers.
-          if not stage_metrics:
-            stage_metrics = json.loads((workdirs[name] / "final_metrics.json").read_text())
-          for key in keys:
-            if key in stage_metrics:
-              print(f"  {key}: {stage_metrics[key]:.4g}")
-
-
-        # Token accuracy, then autoregressive reconstructions against the zero-filled input.
-        STAGE2_KEYS = ("acc", "recon/psnr", "zero_filled/psnr", "recon/ssim", "zero_filled/ssim")
         """,
+        _SHOW,
       ),
       md(
         "aqvae-md",

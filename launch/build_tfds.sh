@@ -22,52 +22,14 @@
 #                    python3)
 #   DRY_RUN          1: print the command instead of running it (default 0)
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+script_name=build_tfds.sh
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 builder_config="${BUILDER_CONFIG:-fastmri}"
 dry_run="${DRY_RUN:-0}"
-if [[ -n ${PYTHON:-} ]]; then
-  python="$PYTHON"
-elif [[ -x $repo_root/.venv/bin/python ]]; then
-  python="$repo_root/.venv/bin/python"
-else
-  python=python3
-fi
-
-die() {
-  echo "build_tfds.sh: $*" >&2
-  exit 2
-}
-
-# Plain words as they are, anything else in single quotes, so a printed command can be pasted.
-quote() {
-  local word sq="'\\''" out=()
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//\'/$sq}'")
-    fi
-  done
-  printf '%s' "${out[*]}"
-}
-
-# Relative paths are taken from the caller's directory, since the build runs from the repository.
-absolute() {
-  if [[ $1 == /* || $1 == *://* ]]; then
-    printf '%s' "$1"
-  else
-    printf '%s/%s' "$PWD" "$1"
-  fi
-}
-
-run() {
-  if [[ $dry_run != 0 ]]; then
-    printf '+ %s\n' "$(quote "$@")"
-  else
-    "$@"
-  fi
-}
+python="$(interpreter "${PYTHON:-}" "$repo_root")"
 
 [[ -n ${TFDS_DATA_DIR:-} ]] || die "TFDS_DATA_DIR is not set: the TFDS data dir to build into"
 if [[ -n ${NUM_WORKERS:-} ]]; then

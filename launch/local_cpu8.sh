@@ -27,55 +27,17 @@
 #                   replaced (default: empty)
 #   DRY_RUN         1: print the commands instead of running them (default 0)
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+script_name=local_cpu8.sh
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 config="${CONFIG:-configs/demo.py:smoke}"
 workdir="${WORKDIR:-$repo_root/runs/local_cpu8}"
 num_processes="${NUM_PROCESSES:-1}"
 port="${PORT:-12355}"
 dry_run="${DRY_RUN:-0}"
-if [[ -n ${PYTHON:-} ]]; then
-  python="$PYTHON"
-elif [[ -x $repo_root/.venv/bin/python ]]; then
-  python="$repo_root/.venv/bin/python"
-else
-  python=python3
-fi
-
-die() {
-  echo "local_cpu8.sh: $*" >&2
-  exit 2
-}
-
-# Plain words as they are, anything else in single quotes, so a printed command can be pasted.
-quote() {
-  local word sq="'\\''" out=()
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//\'/$sq}'")
-    fi
-  done
-  printf '%s' "${out[*]}"
-}
-
-# Relative paths are taken from the caller's directory, since the job runs from the repository.
-absolute() {
-  if [[ $1 == /* || $1 == *://* ]]; then
-    printf '%s' "$1"
-  else
-    printf '%s/%s' "$PWD" "$1"
-  fi
-}
-
-run() {
-  if [[ $dry_run != 0 ]]; then
-    printf '+ %s\n' "$(quote "$@")"
-  else
-    "$@"
-  fi
-}
+python="$(interpreter "${PYTHON:-}" "$repo_root")"
 
 case "$num_processes" in
   1 | 2 | 4 | 8) ;;
@@ -135,7 +97,7 @@ for ((i = 0; i < num_processes; i++)); do
   status=0
   wait -n || status=$?
   if ((status != 0)); then
-    echo "local_cpu8.sh: a process exited with status $status; stopping the others" >&2
+    warn "a process exited with status $status; stopping the others"
     stop_all
     wait || true
     exit "$status"

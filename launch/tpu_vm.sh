@@ -40,7 +40,10 @@
 #   TMPDIR            where the archive of this checkout is written before the copy (default /tmp)
 #   DRY_RUN           1: print the commands instead of running them (default 0)
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+script_name=tpu_vm.sh
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dry_run="${DRY_RUN:-0}"
 accelerator_type="${ACCELERATOR_TYPE:-v4-8}"
@@ -48,33 +51,6 @@ runtime_version="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
 config="${CONFIG:-configs/pipeline.py:paper}"
 repo_ref="${REPO_REF:-HEAD}"
 python_version="${PYTHON_VERSION:-3.12}"
-
-die() {
-  echo "tpu_vm.sh: $*" >&2
-  exit 2
-}
-
-# Plain words as they are, anything else in single quotes, so a printed command can be pasted
-# (and so values survive the workers' shell).
-quote() {
-  local word sq="'\\''" out=()
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//\'/$sq}'")
-    fi
-  done
-  printf '%s' "${out[*]}"
-}
-
-run() {
-  if [[ $dry_run != 0 ]]; then
-    printf '+ %s\n' "$(quote "$@")"
-  else
-    "$@"
-  fi
-}
 
 [[ -n ${TPU_NAME:-} ]] || die "TPU_NAME is not set: the TPU VM to create or reuse"
 [[ -n ${ZONE:-} ]] || die "ZONE is not set: the TPU VM's zone, e.g. us-central2-b"
@@ -101,7 +77,7 @@ if [[ $dry_run != 0 ]]; then
   run "${tpu[@]}" describe "$TPU_NAME" "${gcloud_flags[@]}"
   run "${create[@]}"
 elif "${tpu[@]}" describe "$TPU_NAME" "${gcloud_flags[@]}" >/dev/null 2>&1; then
-  echo "tpu_vm.sh: reusing the existing TPU VM $TPU_NAME" >&2
+  warn "reusing the existing TPU VM $TPU_NAME"
 else
   run "${create[@]}"
 fi
@@ -115,7 +91,7 @@ else
     git -C "$repo_root" rev-parse --verify -q HEAD >/dev/null ||
       die "$repo_root is not a git checkout with a commit; set REPO_URL to clone one instead"
     if [[ -n $(git -C "$repo_root" status --porcelain --untracked-files=no) ]]; then
-      echo "tpu_vm.sh: warning: uncommitted changes are not copied (git archive of HEAD)" >&2
+      warn "warning: uncommitted changes are not copied (git archive of HEAD)"
     fi
   fi
   tarball="${TMPDIR:-/tmp}/nextaccel_jax-$TPU_NAME.tar.gz"

@@ -1,5 +1,8 @@
 """The launch scripts: shellcheck-clean, documented, and printing the right commands on a dry run.
 
+build_tfds.sh, local_cpu8.sh and tpu_vm.sh share the helpers in lib.sh; slurm_gpu.sbatch keeps its
+own, since sbatch runs a spooled copy of it that cannot reach files next to the original.
+
 Dry runs go through a PATH whose gcloud, srun, sbatch and git only record that they were called,
 so a dry run that would have side effects fails here instead of reaching a cloud or a cluster.
 """
@@ -21,6 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = sorted(p.name for p in LAUNCH.iterdir() if p.is_file())
 EXPECTED = ["build_tfds.sh", "local_cpu8.sh", "slurm_gpu.sbatch", "tpu_vm.sh"]
+LIBRARY = "lib.sh"
+SOURCING = ["build_tfds.sh", "local_cpu8.sh", "tpu_vm.sh"]
+SOURCE_LINE = 'source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"'
 # Variables bash itself sets; every other upper-case reference comes from the caller.
 BASH_VARIABLES = {"BASH_SOURCE", "BASH_VERSION", "FUNCNAME", "LINENO", "PIPESTATUS", "PWD"}
 TOOLS = ("gcloud", "srun", "sbatch", "git")
@@ -88,6 +94,18 @@ def _header(text: str) -> list[str]:
   return lines[:end]
 
 
+def _code(text: str) -> str:
+  return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+
+
+def _read_variables(text: str) -> set[str]:
+  return set(re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", _code(text))) - BASH_VARIABLES
+
+
+def _functions(text: str) -> set[str]:
+  return set(re.findall(r"^\s*(?:function\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*\(\)", text, re.M))
+
+
 def _documented(header: list[str]) -> dict[str, str]:
   """Entries of the header's `Environment variables:` list, each with its continuation lines."""
   start = next(i for i, line in enumerate(header) if "Environment variables" in line)
@@ -105,20 +123,30 @@ def _documented(header: list[str]) -> dict[str, str]:
   return entries
 
 
-def test_launch_folder_has_the_four_scripts():
-  assert SCRIPTS == EXPECTED
+def test_launch_folder_has_the_four_scripts_and_their_library():
+  assert SCRIPTS == sorted([*EXPECTED, LIBRARY])
 
 
-@pytest.mark.parametrize("name", EXPECTED)
+@pytest.mark.parametrize("name", [*EXPECTED, LIBRARY])
 def test_shellcheck_finds_nothing(name):
+  # -x follows the scripts into lib.sh, so its helpers are also checked where they are used.
+  follow = [] if name == LIBRARY else ["-x"]
   result = subprocess.run(
-    [_shellcheck(), "-x", "--shell=bash", name],
+    [_shellcheck(), *follow, "--shell=bash", name],
     cwd=LAUNCH,
     capture_output=True,
     text=True,
     timeout=60,
   )
   assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def _check_lines(name: str, lines: list[str]) -> None:
+  for number, line in enumerate(lines, 1):
+    assert len(line) <= 100, f"{name}:{number} is longer than 100 characters"
+    assert "\t" not in line, f"{name}:{number} has a tab"
+    indent = len(line) - len(line.lstrip(" "))
+    assert indent % 2 == 0, f"{name}:{number} is not indented by two spaces"
 
 
 @pytest.mark.parametrize("name", EXPECTED)
@@ -129,21 +157,43 @@ def test_script_style(name):
   assert lines[0] == "#!/usr/bin/env bash"
   assert "set -euo pipefail" in lines
   assert os.access(path, os.X_OK)
-  for number, line in enumerate(lines, 1):
-    assert len(line) <= 100, f"{name}:{number} is longer than 100 characters"
-    assert "\t" not in line, f"{name}:{number} has a tab"
-    indent = len(line) - len(line.lstrip(" "))
-    assert indent % 2 == 0, f"{name}:{number} is not indented by two spaces"
+  _check_lines(name, lines)
   header = "\n".join(_header(text))
   assert "Usage" in header and "Environment variables" in header
+
+
+def test_library_style():
+  path = LAUNCH / LIBRARY
+  lines = path.read_text().splitlines()
+  # Only ever sourced: no shebang or executable bit, so nobody runs it by mistake.
+  assert lines[0] == "# shellcheck shell=bash"
+  assert not os.access(path, os.X_OK)
+  _check_lines(LIBRARY, lines)
+
+
+def test_library_is_sourced_and_not_redefined():
+  library = (LAUNCH / LIBRARY).read_text()
+  helpers = _functions(library)
+  assert {"die", "quote", "run"} <= helpers
+  # Each script's header must list everything it reads, which holds only if lib.sh reads nothing.
+  assert _read_variables(library) == set()
+  for name in SOURCING:
+    text = (LAUNCH / name).read_text()
+    lines = text.splitlines()
+    assert SOURCE_LINE in lines, f"{name} does not source {LIBRARY}"
+    directive = lines[lines.index(SOURCE_LINE) - 1]
+    assert directive.startswith("# shellcheck ") and "source=lib.sh" in directive.split()
+    assert f"script_name={name}" in lines, f"{name} does not set script_name for {LIBRARY}"
+    assert any(line.startswith('dry_run="${DRY_RUN:-0}"') for line in lines), name
+    assert _functions(text) & helpers == set(), f"{name} redefines a helper of {LIBRARY}"
+  assert LIBRARY not in (LAUNCH / "slurm_gpu.sbatch").read_text()
 
 
 @pytest.mark.parametrize("name", EXPECTED)
 def test_header_documents_every_variable(name):
   text = (LAUNCH / name).read_text()
   header = _header(text)
-  code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-  read = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", code)) - BASH_VARIABLES
+  read = _read_variables(text)
   documented = _documented(header)
   assert read - documented.keys() == set(), "read but not documented"
   assert documented.keys() - read == set(), "documented but not read"

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
-from absl import logging
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -522,7 +521,6 @@ def compile_train_step(jitted, args: Sequence, *, name: str, memory=None):
   line = f"{name}: train step compiled in {seconds:.1f} s; "
   line += f"{mem} per device" if mem is not None else "XLA reports no memory analysis"
   line += f" of {format_bytes(limit)}" if limit else " (no device memory limit reported)"
-  logging.info("%s", line)
   if _is_chief():
     print(line, flush=True)
   check = bool(memory.get("check", True)) if memory is not None else False
