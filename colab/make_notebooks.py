@@ -122,6 +122,27 @@ STAGE2_KEYS = ("acc", "recon/psnr", "zero_filled/psnr", "recon/ssim", "zero_fill
 '''
 
 
+# The training-stage cells both notebooks run, one stage per cell.
+_STAGE_CELLS = {
+  "aqvae": """
+from nextaccel_jax.stages import aqvae
+
+aqvae_val = aqvae.train_and_evaluate(stage_configs["aqvae"], workdirs["aqvae"])
+show("aqvae", aqvae_val, "recon_all/psnr", "recon_all/ssim", "recon_all/lpips_alex")
+""",
+  "student": """
+from nextaccel_jax.stages import transformer
+
+student_val = transformer.train_and_evaluate(stage_configs["student"], workdirs["student"])
+show("student", student_val, *STAGE2_KEYS)
+""",
+  "teacher": """
+teacher_val = transformer.train_and_evaluate(stage_configs["teacher"], workdirs["teacher"])
+show("teacher", teacher_val, *STAGE2_KEYS)
+""",
+}
+
+
 def _install(*extra: str) -> str:
   return _INSTALL.replace("EXTRA_PIP_ARGS", "".join(f"{e}, " for e in extra))
 
@@ -268,15 +289,7 @@ def quickstart():
         images.
         """,
       ),
-      code(
-        "aqvae",
-        """
-        from nextaccel_jax.stages import aqvae
-
-        aqvae_val = aqvae.train_and_evaluate(stage_configs["aqvae"], workdirs["aqvae"])
-        show("aqvae", aqvae_val, "recon_all/psnr", "recon_all/ssim", "recon_all/lpips_alex")
-        """,
-      ),
+      code("aqvae", _STAGE_CELLS["aqvae"]),
       md(
         "student-md",
         """
@@ -288,15 +301,7 @@ def quickstart():
         accuracy per scale, and PSNR/SSIM of autoregressive reconstructions.
         """,
       ),
-      code(
-        "student",
-        """
-        from nextaccel_jax.stages import transformer
-
-        student_val = transformer.train_and_evaluate(stage_configs["student"], workdirs["student"])
-        show("student", student_val, *STAGE2_KEYS)
-        """,
-      ),
+      code("student", _STAGE_CELLS["student"]),
       md(
         "teacher-md",
         """
@@ -308,13 +313,7 @@ def quickstart():
         presets it starts from the trained student (`teacher.init_from`), as the pipeline does.
         """,
       ),
-      code(
-        "teacher",
-        """
-        teacher_val = transformer.train_and_evaluate(stage_configs["teacher"], workdirs["teacher"])
-        show("teacher", teacher_val, *STAGE2_KEYS)
-        """,
-      ),
+      code("teacher", _STAGE_CELLS["teacher"]),
       md(
         "distill-md",
         """
@@ -750,15 +749,7 @@ def train_tpu():
         adversarial (BiomedCLIP-based discriminator) and the commitment term.
         """,
       ),
-      code(
-        "aqvae",
-        """
-        from nextaccel_jax.stages import aqvae
-
-        aqvae_val = aqvae.train_and_evaluate(stage_configs["aqvae"], workdirs["aqvae"])
-        show("aqvae", aqvae_val, "recon_all/psnr", "recon_all/ssim", "recon_all/lpips_alex")
-        """,
-      ),
+      code("aqvae", _STAGE_CELLS["aqvae"]),
       md(
         "student-md",
         """
@@ -768,15 +759,7 @@ def train_tpu():
         predicts Q16 … QFS scale by scale from Q32.
         """,
       ),
-      code(
-        "student",
-        """
-        from nextaccel_jax.stages import transformer
-
-        student_val = transformer.train_and_evaluate(stage_configs["student"], workdirs["student"])
-        show("student", student_val, *STAGE2_KEYS)
-        """,
-      ),
+      code("student", _STAGE_CELLS["student"]),
       md(
         "teacher-md",
         """
@@ -786,13 +769,7 @@ def train_tpu():
         randomised prefixes.
         """,
       ),
-      code(
-        "teacher",
-        """
-        teacher_val = transformer.train_and_evaluate(stage_configs["teacher"], workdirs["teacher"])
-        show("teacher", teacher_val, *STAGE2_KEYS)
-        """,
-      ),
+      code("teacher", _STAGE_CELLS["teacher"]),
       md(
         "distill-md",
         """
