@@ -36,7 +36,7 @@ def main() -> int:
   sys.path.insert(0, ".")
   from configs import aqvae as aqvae_config
   from nextaccel_jax import sharding, testing
-  from nextaccel_jax.stages import aqvae, common
+  from nextaccel_jax.models import layers
 
   config = aqvae_config.get_config(args.preset)
   config.model.dtype = args.dtype
@@ -48,8 +48,8 @@ def main() -> int:
     config.loss.adversarial = 0.0
   mesh = sharding.mesh_from_config(config)
   step = testing.stage_step("aqvae", config, mesh)
-  state, train_fn, (frozen,) = step.state, step.jitted, step.frozen
-  disc = aqvae.make_discriminator(config)
+  state, train_fn, (frozen,) = step.state, step.train, step.frozen
+  disc = step.models["discriminator"]
   n = config.data.image_size
   batch = steplib.noise_batch(args.batch, n, mesh)
   print(
@@ -58,10 +58,10 @@ def main() -> int:
     f"remat {config.model.remat}"
   )
   print(
-    f"parameters: {common.count_params(state.params):,} "
+    f"parameters: {layers.count_params(state.params):,} "
     f"(codebook {config.model.vocab_size} x {config.model.z_channels} in vq_ema); "
-    f"discriminator heads {common.count_params(state.disc_params):,}, "
-    f"frozen tower {common.count_params(frozen['tower']):,}"
+    f"discriminator heads {layers.count_params(state.disc_params):,}, "
+    f"frozen tower {layers.count_params(frozen['tower']):,}"
   )
 
   compiled, flops = steplib.compile_step(train_fn, state, batch, frozen)
@@ -85,7 +85,7 @@ def _loss_shares(config, disc, state, frozen, batch, step_s: float, steps: int) 
 
   from nextaccel_jax import losses
   from nextaccel_jax.models import lpips
-  from nextaccel_jax.stages import aqvae
+  from nextaccel_jax.stages import stage1_aqvae as aqvae
 
   mag = losses.magnitude(batch["levels"][:, -1])
   scale = jnp.max(mag, axis=(1, 2))

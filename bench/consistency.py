@@ -30,12 +30,11 @@ def main() -> int:
   import numpy as np
 
   sys.path.insert(0, ".")
-  from nextaccel_jax import inference, losses, sharding
+  from nextaccel_jax import export, inference, losses, sharding
   from nextaccel_jax.data import masks, pipeline
   from nextaccel_jax.evaluation import metrics
-  from nextaccel_jax.stages import evaluate
 
-  rec = evaluate.load_reconstructor(args.model)
+  rec = export.load_reconstructor(args.model)
   mesh = sharding.make_mesh()
   source = pipeline.load_split(args.dataset, args.split, args.data_dir)
   loader = pipeline.EvalLoader(source, global_batch_size=args.batch, mesh=mesh, with_maps=True)

@@ -3,7 +3,7 @@
   python bench/distill.py --preset=demo --batch=8                   # CPU
   python bench/distill.py --preset=paper --batch=24 --peak_tflops=989   # H100 bf16
 
-The step is the real one (`stages.distill.train_step`): a multinomial rollout of the student
+The step is the real one (`stage3_distill.train_step`): a multinomial rollout of the student
 through the KV-cached sampler, a frozen teacher pass on it and a student forward + backward.
 Weights are random and inputs are noise of the right shapes, so no dataset or checkpoint is
 needed. The parts are timed as separately jitted functions on the same inputs.
@@ -33,8 +33,8 @@ def main() -> int:
   sys.path.insert(0, ".")
   from configs import distill as distill_config
   from nextaccel_jax import inference, sharding, testing
-  from nextaccel_jax.stages import common, distill
-  from nextaccel_jax.stages import transformer as transformer_stage
+  from nextaccel_jax.models import layers, next_scale
+  from nextaccel_jax.stages import stage3_distill as distill
 
   config = distill_config.get_config(args.preset)
   if args.depth:
@@ -43,9 +43,8 @@ def main() -> int:
   n = config.data.image_size
   mesh = sharding.mesh_from_config(config)
   step = testing.stage_step("distill", config, mesh, total_steps=100_000)
-  state, train_fn, (tok_vars, p_teacher) = step.state, step.jitted, step.frozen
-  tokenizer = transformer_stage.make_tokenizer(config)
-  student, teacher = distill.make_models(config)
+  state, train_fn, (tok_vars, p_teacher) = step.state, step.train, step.frozen
+  tokenizer, student, teacher = (step.models[k] for k in ("tokenizer", "model", "teacher"))
   batch = steplib.noise_batch(args.batch, n, mesh)
   print(
     f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}); "
@@ -53,8 +52,8 @@ def main() -> int:
     f"batch {args.batch}, dtype {config.model.dtype}"
   )
   print(
-    f"parameters: student {common.count_params(state.params):,}, "
-    f"teacher {common.count_params(p_teacher):,} (frozen)"
+    f"parameters: student {layers.count_params(state.params):,}, "
+    f"teacher {layers.count_params(p_teacher):,} (frozen)"
   )
   compiled, flops = steplib.compile_step(train_fn, state, batch, tok_vars, p_teacher)
   state, m, dt = steplib.time_steps(compiled, state, batch, tok_vars, p_teacher, steps=args.steps)
@@ -70,7 +69,7 @@ def main() -> int:
   t_rollout = steplib.time_call(
     lambda: rollout(tok_vars, state.params, p_teacher, batch, rng=key), repeats=args.steps
   )
-  idx0 = jax.jit(distill.r32_tokens, static_argnums=0)(
+  idx0 = jax.jit(next_scale.r32_tokens, static_argnums=0)(
     tokenizer, tok_vars, batch["levels"][:, 0], batch["family"]
   )
   sample_only = jax.jit(

@@ -37,10 +37,9 @@ def main() -> int:
   sys.path.insert(0, ".")
   from configs import transformer as transformer_config
   from nextaccel_jax import inference
-  from nextaccel_jax.models import aqvae
+  from nextaccel_jax.models import aqvae, layers, next_scale
   from nextaccel_jax.models import transformer as transformer_lib
-  from nextaccel_jax.stages import common
-  from nextaccel_jax.stages import transformer as stage
+  from nextaccel_jax.stages import stage2_transformer as stage
 
   config = transformer_config.get_config("student", args.preset)
   if args.depth:
@@ -57,13 +56,11 @@ def main() -> int:
   print(
     f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); preset {args.preset}, "
     f"depth {model.depth}, width {model.width}, {n}², dtype {config.model.dtype}; "
-    f"transformer {common.count_params(params):,} params"
+    f"transformer {layers.count_params(params):,} params"
   )
 
   def encode(tv, x, fam):
-    b = x.shape[0]
-    f, _ = tokenizer.apply(tv, x, jnp.zeros((b,), jnp.int32), fam, method=aqvae.AQVAE.encode)
-    return tokenizer.apply(tv, f, 0, method=aqvae.AQVAE.tokenize_scale)
+    return next_scale.r32_tokens(tokenizer, tv, x, fam)
 
   def steps(tv, pv, idx0, x, fam):
     _, h_list, _ = inference.rollout(model, pv, tokenizer, tv, idx0, x, fam)

@@ -84,7 +84,7 @@ def main() -> int:
       print(f"\n== {stage}, {n} device(s), global batch {batch_size}")
       step = testing.stage_step(stage, config, mesh)
       batch = steplib.noise_batch(batch_size, config.data.image_size, mesh)
-      compiled, flops = steplib.compile_step(step.jitted, step.state, batch, *step.frozen)
+      compiled, flops = steplib.compile_step(step.train, step.state, batch, *step.frozen)
       _, _, dt = steplib.time_steps(compiled, step.state, batch, *step.frozen, steps=args.steps)
       mem = common.step_memory(compiled)
       ips = batch_size / dt

@@ -3,7 +3,7 @@
   python bench/transformer.py --preset=paper --batch=1 --depth=4        # reduced, on CPU
   python bench/transformer.py --preset=paper --batch=32 --peak_tflops=989   # H100 bf16
 
-The step is the real one (`stages.transformer.train_step`): the frozen tokenizer turns the six
+The step is the real one (`stage2_transformer.train_step`): the frozen tokenizer turns the six
 levels into targets and inputs, then the transformer with its context encoder runs forward and
 backward over the 990 positions. Weights are random and inputs are noise of the right shapes, so
 no dataset or checkpoint is needed. FLOPs come from XLA's cost analysis of the compiled step.
@@ -34,9 +34,8 @@ def main() -> int:
   sys.path.insert(0, ".")
   from configs import transformer as transformer_config
   from nextaccel_jax import sharding, testing
+  from nextaccel_jax.models import layers
   from nextaccel_jax.models import transformer as transformer_lib
-  from nextaccel_jax.stages import common
-  from nextaccel_jax.stages import transformer as stage
 
   config = transformer_config.get_config(args.role, args.preset)
   if args.depth:
@@ -47,8 +46,8 @@ def main() -> int:
   n = config.data.image_size
   mesh = sharding.mesh_from_config(config)
   step = testing.stage_step("transformer", config, mesh, total_steps=100_000)
-  state, train_fn, (tok_vars,) = step.state, step.jitted, step.frozen
-  model = stage.make_model(config)
+  state, train_fn, (tok_vars,) = step.state, step.train, step.frozen
+  model = step.models["model"]
   batch = steplib.noise_batch(args.batch, n, mesh)
   seq = transformer_lib.sequence_length(model.patch_nums)
   print(
@@ -56,10 +55,10 @@ def main() -> int:
     f"preset {args.preset} ({args.role}), depth {model.depth}, width {model.width}, "
     f"{n}², batch {args.batch}, dtype {config.model.dtype}, remat {model.remat}"
   )
-  encoder = common.count_params(state.params["context_encoder"])
+  encoder = layers.count_params(state.params["context_encoder"])
   print(
-    f"parameters: {common.count_params(state.params):,} "
-    f"(context encoder {encoder:,}); tokenizer {common.count_params(tok_vars['params']):,}"
+    f"parameters: {layers.count_params(state.params):,} "
+    f"(context encoder {encoder:,}); tokenizer {layers.count_params(tok_vars['params']):,}"
   )
   compiled, flops = steplib.compile_step(train_fn, state, batch, tok_vars)
   state, m, dt = steplib.time_steps(compiled, state, batch, tok_vars, steps=args.steps)

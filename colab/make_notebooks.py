@@ -125,19 +125,19 @@ STAGE2_KEYS = ("acc", "recon/psnr", "zero_filled/psnr", "recon/ssim", "zero_fill
 # The training-stage cells both notebooks run, one stage per cell.
 _STAGE_CELLS = {
   "aqvae": """
-from nextaccel_jax.stages import aqvae
+from nextaccel_jax.stages import stage1_aqvae
 
-aqvae_val = aqvae.train_and_evaluate(stage_configs["aqvae"], workdirs["aqvae"])
+aqvae_val = stage1_aqvae.train_and_evaluate(stage_configs["aqvae"], workdirs["aqvae"])
 show("aqvae", aqvae_val, "recon_all/psnr", "recon_all/ssim", "recon_all/lpips_alex")
 """,
   "student": """
-from nextaccel_jax.stages import transformer
+from nextaccel_jax.stages import stage2_transformer
 
-student_val = transformer.train_and_evaluate(stage_configs["student"], workdirs["student"])
+student_val = stage2_transformer.train_and_evaluate(stage_configs["student"], workdirs["student"])
 show("student", student_val, *STAGE2_KEYS)
 """,
   "teacher": """
-teacher_val = transformer.train_and_evaluate(stage_configs["teacher"], workdirs["teacher"])
+teacher_val = stage2_transformer.train_and_evaluate(stage_configs["teacher"], workdirs["teacher"])
 show("teacher", teacher_val, *STAGE2_KEYS)
 """,
 }
@@ -272,9 +272,9 @@ def quickstart():
       code(
         "data",
         """
-        from nextaccel_jax.data import prepare
+        from nextaccel_jax.stages import data as data_stage
 
-        data_summary = prepare.run(stage_configs["data"], workdirs["data"])
+        data_summary = data_stage.run(stage_configs["data"], workdirs["data"])
         """,
       ),
       md(
@@ -328,10 +328,11 @@ def quickstart():
       code(
         "distill",
         """
-        from nextaccel_jax.stages import distill
+        from nextaccel_jax.stages import stage3_distill
 
         if RUN_DISTILL:
-          distill_val = distill.train_and_evaluate(stage_configs["distill"], workdirs["distill"])
+          distill_dir = workdirs["distill"]
+          distill_val = stage3_distill.train_and_evaluate(stage_configs["distill"], distill_dir)
           show("distill", distill_val, "kl", "recon/psnr", "recon/ssim")
         else:
           print("stage 3 skipped (RUN_DISTILL = False): the stage-2 student reconstructs")
@@ -354,16 +355,16 @@ def quickstart():
         """
         import numpy as np
 
-        from nextaccel_jax import inference, losses
+        from nextaccel_jax import export, losses
         from nextaccel_jax.data import masks
         from nextaccel_jax.data import pipeline as data_pipeline
         from nextaccel_jax.stages import evaluate
 
         model_dir = workdirs["distill"] if RUN_DISTILL else workdirs["student"]
-        rec = inference.Reconstructor.from_workdirs(model_dir)
+        rec = export.load_reconstructor(model_dir)
 
         validation = data_pipeline.load_split(
-          prepare.dataset_name(stage_configs["data"]),
+          data_stage.dataset_name(stage_configs["data"]),
           "validation",
           stage_configs["data"].data.data_dir,
         )
@@ -551,7 +552,7 @@ def train_tpu():
         # open_clip_pytorch_model.bin of microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224
         # for the discriminator's frozen tower (reading it needs PyTorch); "" = random tower.
         BIOMEDCLIP_WEIGHTS = ""
-        # Folder written by `python -m nextaccel_jax.models.convert_var` from VAR's VQ-VAE.
+        # Folder written by `python -m nextaccel_jax.convert.var_vae` from VAR's VQ-VAE.
         VAR_VAE = ""
         """,
         tags=("parameters",),
@@ -782,9 +783,10 @@ def train_tpu():
       code(
         "distill",
         """
-        from nextaccel_jax.stages import distill
+        from nextaccel_jax.stages import stage3_distill
 
-        distill_val = distill.train_and_evaluate(stage_configs["distill"], workdirs["distill"])
+        distill_dir = workdirs["distill"]
+        distill_val = stage3_distill.train_and_evaluate(stage_configs["distill"], distill_dir)
         show("distill", distill_val, "kl", "recon/psnr", "recon/ssim")
         """,
       ),
@@ -795,7 +797,7 @@ def train_tpu():
 
         One Orbax checkpoint with everything inference needs: the tokenizer, the distilled
         student, their configs and the data conventions. Load it anywhere with
-        `inference.Reconstructor.from_export(path)`.
+        `export.load_reconstructor(path)`.
         """,
       ),
       code(

@@ -6,7 +6,7 @@
   python -m nextaccel_jax.main --config=configs/aqvae.py:paper --workdir=runs/aqvae \
       --config.data.data_dir=$TFDS_DATA_DIR [--config.init_from=runs/var_vae]
 
-`init_from` points at an Orbax checkpoint written by `python -m nextaccel_jax.models.convert_var`
+`init_from` points at an Orbax checkpoint written by `python -m nextaccel_jax.convert.var_vae`
 (VAR's vae_ch160v4096z32.pth) or at another stage-1 workdir.
 """
 

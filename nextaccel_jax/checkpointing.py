@@ -11,12 +11,20 @@ The resume order of a stage (style.md §2 "Checkpointing") is: (1) `Checkpointer
 workdir's own latest step, (2) `load_params` of the previous stage's workdir (`config.init_from`),
 which returns the stored tree without needing its full structure, (3) scratch.
 
+Trained runs are read by one reader: `find_checkpoint` locates a run's best (or newest) checkpoint
+and its metadata, `restore_checkpoint` reads all of it or only the subtrees a later stage needs
+(checking their shapes first, naming the leaf paths), `read_run_config` gives the run's
+`config.json` and `resolve_tokenizer_from` the stage-1 workdir a stage-2/3 run was trained with.
+Later stages, the export and the evaluation all load through these.
+
 Every process must call `save`, `save_best` and `restore` with the same arguments: Orbax writes
 each array shard from the process that holds it, and the JSON metadata from process 0 only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -306,68 +314,275 @@ class Checkpointer:
     )
 
 
-def _manager_dir(path: str, best: bool) -> str:
-  """The Orbax manager folder behind a workdir or a manager folder."""
-  sub = os.path.join(path, _BEST_DIR if best else _CHECKPOINTS_DIR)
-  return sub if os.path.isdir(sub) else path
+# ------------------------------------------------------------------------------------------------
+# Reading trained runs: the one reader every later stage, the export and the evaluation use.
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredCheckpoint:
+  """One saved checkpoint of a run, as `find_checkpoint` located it (no arrays read yet).
+
+  Attributes:
+    source: The path it was asked for (a workdir or an Orbax manager folder).
+    directory: The Orbax manager folder holding it.
+    kind: `"best"` or `"latest"` (the newest periodic checkpoint, or a step asked for).
+    step: Its step.
+    tree: The stored state's metadata tree (leaves carry `.shape` and `.dtype`).
+    meta: Its JSON metadata (`{}` when it has none).
+  """
+
+  source: str
+  directory: str
+  kind: str
+  step: int
+  tree: Any
+  meta: dict
+
+  def describe(self) -> str:
+    return f"{self.kind} checkpoint, step {self.step}"
+
+
+def _read_manager(directory: str):
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  # Named handlers: without them Orbax reports no metadata for the items.
+  handlers = {_META: ocp.JsonCheckpointHandler(), _STATE: ocp.PyTreeCheckpointHandler()}
+  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def find_checkpoint(
+  path: str | os.PathLike, *, best: bool = True, step: int | None = None, field: str = "path"
+) -> StoredCheckpoint:
+  """The checkpoint of a run to read: its best one (when `best` and it kept one), else its
+  newest periodic one, or the periodic one at `step`.
+
+  Args:
+    path: A stage workdir (`best/` and/or `checkpoints/` inside), or an Orbax manager folder.
+    best: Prefer the best checkpoint.
+    step: A particular periodic step (then `best` is ignored).
+    field: What to call `path` in errors, e.g. "config.tokenizer_from".
+
+  Raises:
+    FileNotFoundError: No such directory, or no checkpoint (at `step`) in it; names the folders
+      looked in and the saved steps.
+    ValueError: The checkpoint holds no state item.
+  """
+  source = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if not os.path.isdir(source):
+    raise FileNotFoundError(f"{field}={path}: no such directory")
+  best_dir = os.path.join(source, _BEST_DIR)
+  periodic_dir = os.path.join(source, _CHECKPOINTS_DIR)
+  if os.path.isdir(best_dir) or os.path.isdir(periodic_dir):
+    use_best = best and step is None
+    candidates = ([("best", best_dir)] if use_best else []) + [("latest", periodic_dir)]
+  else:
+    candidates = [("latest", source)]
+  seen = []
+  for kind, directory in candidates:
+    if not os.path.isdir(directory):
+      continue
+    with _read_manager(directory) as manager:
+      steps = sorted(manager.all_steps())
+      seen.append(f"{directory}: steps {steps}")
+      if not steps or (step is not None and int(step) not in steps):
+        continue
+      found = steps[-1] if step is None else int(step)
+      stored = manager.item_metadata(found)
+      if _STATE not in stored.keys() or stored[_STATE] is None:
+        raise ValueError(f"{field}={path}: the checkpoint at {directory}/{found} has no 'state'")
+      try:
+        meta = manager.restore(found, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        meta = meta[_META]
+      except (ValueError, KeyError, FileNotFoundError):
+        meta = None
+    return StoredCheckpoint(path, directory, kind, found, stored[_STATE].tree, dict(meta or {}))
+  at = "" if step is None else f" at step {step}"
+  looked = "; ".join(seen) or ", ".join(d for _, d in candidates)
+  raise FileNotFoundError(f"{field}={path}: no checkpoint{at} (looked in {looked})")
+
+
+def _path_str(path) -> str:
+  parts = []
+  for p in path:
+    if isinstance(p, jax.tree_util.DictKey):
+      parts.append(str(p.key))
+    elif isinstance(p, jax.tree_util.SequenceKey):
+      parts.append(str(p.idx))
+    elif isinstance(p, jax.tree_util.GetAttrKey):
+      parts.append(p.name)
+    else:
+      parts.append(str(p))
+  return "/".join(parts)
+
+
+def tree_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """`{"a/b/kernel": shape}` of every leaf (arrays, `ShapeDtypeStruct`s or Orbax metadata)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_str(path): tuple(getattr(x, "shape", np.shape(x))) for path, x in leaves}
+
+
+def check_shapes(actual, expected, what: str) -> None:
+  """Raises a ValueError naming the paths where `actual` and `expected` differ in shape."""
+  got, want = tree_shapes(actual), tree_shapes(expected)
+  problems = [f"{p} missing (expected {want[p]})" for p in want if p not in got]
+  problems += [f"{p} unexpected (shape {got[p]})" for p in got if p not in want]
+  problems += [
+    f"{p} has shape {got[p]}, expected {want[p]}" for p in want if p in got and got[p] != want[p]
+  ]
+  if problems:
+    shown = "; ".join(problems[:6])
+    more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
+    raise ValueError(f"{what}: {shown}{more}")
+
+
+def _host_args(tree):
+  return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+
+
+def restore_checkpoint(
+  ckpt: StoredCheckpoint, abstract=None, *, to_host: bool = False, what: str = ""
+):
+  """Reads the arrays of a located checkpoint.
+
+  Args:
+    ckpt: From `find_checkpoint`.
+    abstract: None reads the whole stored state as host numpy arrays, independent of how many
+      devices wrote it (a typed PRNG key comes back as its raw uint32 data). A mapping of
+      subtrees of the state (e.g. `{"params": ..., "vq_ema": ...}` out of a train state) reads
+      only those, after checking their shapes against the stored ones: as `jax.Array`s laid out
+      by the leaves' shardings (`jax.ShapeDtypeStruct(..., sharding=...)`), or as host numpy
+      arrays with `to_host`.
+    to_host: Read `abstract`'s leaves as host numpy arrays (ignoring any shardings).
+    what: The start of the error message for a mismatch (default: names the checkpoint).
+
+  Raises:
+    ValueError: A requested subtree is missing or its shapes differ (names the leaf paths).
+  """
+  with _read_manager(ckpt.directory) as manager:
+    if abstract is None:
+      args = ocp.args.PyTreeRestore(restore_args=_host_args(ckpt.tree))
+    else:
+      what = what or f"{ckpt.source} ({ckpt.describe()})"
+      stored = ckpt.tree
+      missing = [k for k in abstract if not isinstance(stored, Mapping) or k not in stored]
+      if missing:
+        raise ValueError(
+          f"{what}: the checkpoint state at {ckpt.directory}/{ckpt.step} has no "
+          f"{', '.join(map(repr, missing))}"
+        )
+      check_shapes({k: stored[k] for k in abstract}, abstract, what)
+      restore_args = (
+        _host_args(abstract) if to_host else ocp.checkpoint_utils.construct_restore_args(abstract)
+      )
+      args = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
+    return manager.restore(ckpt.step, args=ocp.args.Composite(**{_STATE: args}))[_STATE]
 
 
 def load_params(
-  path_or_workdir: str,
+  path_or_workdir: str | os.PathLike,
   abstract_tree=None,
   *,
-  item: str = _STATE,
   best: bool = False,
   step: int | None = None,
+  field: str = "path",
+  what: str = "",
 ):
-  """Loads the stored tree of another stage's checkpoint, e.g. for `init_from`.
+  """`restore_checkpoint(find_checkpoint(...))`: the stored tree of a run, e.g. for `init_from`.
 
   Args:
     path_or_workdir: A stage workdir, or the `checkpoints` / `best` folder inside one.
-    abstract_tree: None loads every leaf as a host numpy array, independent of how many devices
-      wrote it (a typed PRNG key comes back as its raw uint32 data). A pytree of
-      `jax.ShapeDtypeStruct` with shardings loads just those leaves as `jax.Array`s; it may be a
-      subtree of what is stored, e.g. `{"params": ..., "vq_ema": ...}` out of a full train state.
-    item: The composite item to read (`"state"` for checkpoints written by `Checkpointer`).
-    best: Read the best checkpoint instead of the latest periodic one.
-    step: A particular step instead of the newest.
-
-  Returns:
-    The restored pytree (nested dicts for a state that was saved as dicts or dataclasses).
+    abstract_tree: None (everything, host numpy) or the subtrees to read (see
+      `restore_checkpoint`).
+    best: Read the best checkpoint where the run kept one (else its newest periodic one).
+    step: A particular periodic step instead of the newest.
+    field: What to call the path in errors.
+    what: The start of the error message for a shape mismatch.
 
   Raises:
     FileNotFoundError: If the folder holds no checkpoint (or none at `step`).
+    ValueError: If the stored shapes do not match `abstract_tree`.
   """
-  directory = _manager_dir(os.path.abspath(os.fspath(path_or_workdir)), best)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoint folder at {directory}")
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  # The JSON handler is registered only so that Orbax does not warn about an unreadable item.
-  handlers = {_META: ocp.JsonCheckpointHandler(), item: ocp.PyTreeCheckpointHandler()}
-  with ocp.CheckpointManager(directory, options=options, item_handlers=handlers) as manager:
-    steps = sorted(manager.all_steps())
-    if not steps or (step is not None and int(step) not in steps):
-      wanted = "any step" if step is None else f"step {step}"
-      raise FileNotFoundError(
-        f"no checkpoint at {wanted} in {directory} (from {path_or_workdir}); saved steps: {steps}"
-      )
-    step = steps[-1] if step is None else int(step)
-    if abstract_tree is None:
-      stored = manager.item_metadata(step)[item].tree
-      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
-      args = ocp.args.PyTreeRestore(restore_args=restore_args)
-    else:
-      args = ocp.args.PyTreeRestore(
-        item=abstract_tree,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_tree),
-        partial_restore=True,
-      )
-    return manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+  ckpt = find_checkpoint(path_or_workdir, best=best, step=step, field=field)
+  return restore_checkpoint(ckpt, abstract_tree, what=what)
 
 
-def load_best_or_latest(path_or_workdir: str, abstract_tree=None, *, item: str = _STATE):
-  """`load_params` of a workdir's best checkpoint, or of its latest one when it kept no best."""
+def existing_dir(value: str, field: str, hint: str) -> str:
+  """`value` with `~` expanded, checked to be a directory.
+
+  Raises:
+    ValueError: If `value` is empty (the message says what the field wants: `hint`).
+    FileNotFoundError: If it is not a directory.
+  """
+  if not value:
+    raise ValueError(f"{field} is empty: {hint}")
+  path = os.path.expanduser(os.fspath(value))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{field}={value}: no such directory ({hint})")
+  return path
+
+
+def read_run_config(workdir: str | os.PathLike, *, required: bool = True) -> dict:
+  """The `config.json` a stage wrote into its workdir, as a dict.
+
+  Raises:
+    FileNotFoundError: If there is none and `required` (otherwise `{}` is returned).
+    ValueError: If it is not a JSON object.
+  """
+  path = os.path.join(os.fspath(workdir), "config.json")
+  if not os.path.isfile(path):
+    if not required:
+      return {}
+    raise FileNotFoundError(f"{workdir}: no config.json at {path} (a training workdir writes one)")
   try:
-    return load_params(path_or_workdir, abstract_tree, item=item, best=True)
-  except FileNotFoundError:
-    return load_params(path_or_workdir, abstract_tree, item=item)
+    with open(path, encoding="utf-8") as f:
+      config = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from e
+  if not isinstance(config, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+  return config
+
+
+def resolve_tokenizer_from(
+  explicit: str | os.PathLike | None,
+  run_config: Mapping[str, Any],
+  run_meta: Mapping[str, Any] | None = None,
+  *,
+  where: str,
+  flag: str = "tokenizer_from",
+  how: str = "tokenizer_from",
+) -> str:
+  """The stage-1 workdir of a stage-2/3 run: `explicit` if given, else the one the run recorded.
+
+  Args:
+    explicit: An override (checked to be a directory); empty or None uses the recorded one.
+    run_config: The run's `config.json` (its `tokenizer_from` is kept as given, relative to the
+      training job's working directory).
+    run_meta: The run's checkpoint metadata (its `tokenizer_from` is absolute).
+    where: What recorded it (e.g. the path of the config.json), for errors.
+    flag: The name of the override, for errors.
+    how: How the user passes the override (e.g. a command-line flag), for errors.
+
+  Raises:
+    ValueError: Nothing given and nothing recorded.
+    FileNotFoundError: The given or recorded folder does not exist.
+  """
+  if explicit:
+    path = os.path.abspath(os.path.expanduser(os.fspath(explicit)))
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"{flag}={path}: no such directory (a stage-1 workdir)")
+    return path
+  recorded = [
+    p for p in (run_config.get("tokenizer_from"), (run_meta or {}).get("tokenizer_from")) if p
+  ]
+  if not recorded:
+    raise ValueError(f"{where} records no tokenizer_from: pass the stage-1 workdir as {how}")
+  tried = []
+  for p in recorded:
+    path = os.path.abspath(os.path.expanduser(p))
+    if os.path.isdir(path):
+      return path
+    tried.append(path)
+  raise FileNotFoundError(
+    f"tokenizer workdir not found: {where} records tokenizer_from={recorded[0]!r} "
+    f"(tried {', '.join(dict.fromkeys(tried))}); pass {how}"
+  )

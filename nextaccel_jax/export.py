@@ -4,11 +4,13 @@
   python -m nextaccel_jax.export --transformer_from=runs/distill --out=runs/export \
       [--tokenizer_from=runs/aqvae] [--latest] [--overwrite]
 
-  rec = inference.Reconstructor.from_export("runs/export")
+  rec = export.load_reconstructor("runs/export")  # or a stage-2/3 workdir: "runs/distill"
   x_hat_BHW2 = rec.reconstruct(x_r32_BHW2, family_B)
 
 `export` writes one from in-memory models, `export_from_workdirs` from training workdirs;
-`load_export` and `load_workdirs` return the same `Exported` (modules, variables, metadata).
+`load_export` and `load_workdirs` return the same `Exported` (modules, variables, metadata), and
+`load_reconstructor` an `inference.Reconstructor` from either. Workdirs are read through
+`checkpointing`'s reader of trained runs; the modules are built by the models' `from_fields`.
 
 An export is a `Composite` Orbax checkpoint (written to a temporary folder and renamed on commit,
 so a failed export never looks like a finished one) with three items:
@@ -39,6 +41,7 @@ import dataclasses
 import functools
 import glob
 import json
+import logging
 import os
 import shutil
 import sys
@@ -48,12 +51,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nextaccel_jax.data import masks, transforms
+from nextaccel_jax import checkpointing, inference
+from nextaccel_jax.data import fastmri_brain_multiscale, masks, transforms
 from nextaccel_jax.models import aqvae as aqvae_lib
+from nextaccel_jax.models import fields as fields_lib
+from nextaccel_jax.models import layers
 from nextaccel_jax.models import transformer as transformer_lib
 
 FORMAT = "nextaccel_jax.export"
@@ -63,10 +68,6 @@ SUPPORTED_VERSIONS = (1,)
 _TOKENIZER = "tokenizer"
 _TRANSFORMER = "transformer"
 _META = "export"
-# Module fields that hold dtypes: stored as their names, e.g. "bfloat16".
-_DTYPE_FIELDS = ("dtype", "param_dtype")
-# Dataclass fields of every Flax module that are not configuration.
-_MODULE_INTERNALS = ("parent", "name")
 
 NORM_DESCRIPTIONS = {
   "fs_max": "each slice divided by the largest magnitude of its fully sampled coil-combined image",
@@ -96,152 +97,7 @@ class Exported:
 
 
 # ------------------------------------------------------------------------------------------------
-# Module fields <-> JSON
-
-
-def module_fields(module) -> dict[str, Any]:
-  """The configuration fields of a Flax module: the kwargs that rebuild it."""
-  return {
-    f.name: getattr(module, f.name)
-    for f in dataclasses.fields(module)
-    if f.name not in _MODULE_INTERNALS
-  }
-
-
-def _tuplify(value):
-  if isinstance(value, list | tuple):
-    return tuple(_tuplify(v) for v in value)
-  if isinstance(value, Mapping):
-    return {k: _tuplify(v) for k, v in value.items()}
-  return value
-
-
-def _listify(value):
-  if isinstance(value, list | tuple):
-    return [_listify(v) for v in value]
-  if isinstance(value, Mapping):
-    return {str(k): _listify(v) for k, v in value.items()}
-  if isinstance(value, np.generic):
-    return value.item()
-  return value
-
-
-def _build_module(cls, fields: Mapping[str, Any], where: str):
-  """`cls(**fields)`, lists as tuples and dtype names as dtypes; errors name `where`."""
-  valid = {f.name for f in dataclasses.fields(cls)} - set(_MODULE_INTERNALS)
-  unknown = sorted(set(fields) - valid)
-  if unknown:
-    raise ValueError(
-      f"{where}: {', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not "
-      f"{'a field' if len(unknown) == 1 else 'fields'} of {cls.__name__}; valid fields: "
-      f"{', '.join(sorted(valid))}"
-    )
-  kwargs = {}
-  for name, value in fields.items():
-    value = _tuplify(value)
-    if name in _DTYPE_FIELDS and value is not None:
-      try:
-        value = jnp.dtype(value)
-      except TypeError as e:
-        raise ValueError(f"{where}: {name}={value!r} is not a dtype") from e
-    kwargs[name] = value
-  return cls(**kwargs)
-
-
-def fields_to_json(module) -> dict[str, Any]:
-  """Every configuration field of `module` as JSON values (dtype names, lists for sequences).
-
-  Raises:
-    ValueError: if a field does not survive JSON, i.e. `module_from_json` would not rebuild an
-      equal module.
-  """
-  out = {}
-  for name, value in module_fields(module).items():
-    if name in _DTYPE_FIELDS and value is not None:
-      value = jnp.dtype(value).name
-    out[name] = _listify(value)
-  where = f"{type(module).__name__} fields"
-  try:
-    rebuilt = _build_module(type(module), json.loads(json.dumps(out)), where)
-  except TypeError as e:
-    raise ValueError(f"{where} cannot be stored as JSON: {e}") from e
-  if rebuilt != module:
-    changed = [n for n, v in module_fields(module).items() if getattr(rebuilt, n) != v]
-    raise ValueError(f"{where} do not survive JSON: {', '.join(changed)}")
-  return out
-
-
-def module_from_json(cls, fields: Mapping[str, Any], where: str = ""):
-  """Rebuilds a module of class `cls` from `fields_to_json` output.
-
-  Args:
-    cls: `AQVAE` or `NextAccelTransformer` (any Flax module class).
-    fields: the JSON fields.
-    where: what to name in error messages (e.g. the export path and item).
-  """
-  return _build_module(cls, fields, where or f"{cls.__name__} fields")
-
-
-def transformer_kwargs(model_fields: Mapping[str, Any], tokenizer_fields: Mapping[str, Any]):
-  """Completes transformer fields the way `stages.transformer.make_model` does.
-
-  The context encoder's sizes, `vocab_size`, `z_channels` and `patch_nums` come from the
-  tokenizer (`context_encoder_fields`); fields already present must agree with it. `dtype` may be
-  a name; `param_dtype` defaults to float32.
-
-  Raises:
-    ValueError: if a given field disagrees with the tokenizer (names the field).
-  """
-  fields = dict(_tuplify(dict(model_fields)))
-  derived = transformer_lib.context_encoder_fields(dict(_tuplify(dict(tokenizer_fields))))
-  for name, value in derived.items():
-    if name in fields and _tuplify(fields[name]) != _tuplify(value):
-      raise ValueError(
-        f"transformer field {name}={fields[name]!r} disagrees with the tokenizer, which gives "
-        f"{value!r}"
-      )
-    fields[name] = value
-  if fields.get("dtype") is not None:
-    fields["dtype"] = jnp.dtype(fields["dtype"])
-  fields.setdefault("param_dtype", jnp.float32)
-  return fields
-
-
-# ------------------------------------------------------------------------------------------------
 # Shapes
-
-
-def _path_str(path) -> str:
-  parts = []
-  for p in path:
-    if isinstance(p, jax.tree_util.DictKey):
-      parts.append(str(p.key))
-    elif isinstance(p, jax.tree_util.SequenceKey):
-      parts.append(str(p.idx))
-    elif isinstance(p, jax.tree_util.GetAttrKey):
-      parts.append(p.name)
-    else:
-      parts.append(str(p))
-  return "/".join(parts)
-
-
-def _shapes(tree) -> dict[str, tuple[int, ...]]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_path_str(path): tuple(getattr(x, "shape", np.shape(x))) for path, x in leaves}
-
-
-def _check_shapes(actual, expected, what: str) -> None:
-  """Raises a ValueError naming the paths where `actual` and `expected` differ in shape."""
-  got, want = _shapes(actual), _shapes(expected)
-  problems = [f"{p} missing (expected {want[p]})" for p in want if p not in got]
-  problems += [f"{p} unexpected (shape {got[p]})" for p in got if p not in want]
-  problems += [
-    f"{p} has shape {got[p]}, expected {want[p]}" for p in want if p in got and got[p] != want[p]
-  ]
-  if problems:
-    shown = "; ".join(problems[:6])
-    more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
-    raise ValueError(f"{what}: {shown}{more}")
 
 
 # Shapes only (immutable); tracing a paper-size init takes seconds, and export, load and the
@@ -260,7 +116,7 @@ def _abstract_transformer(transformer: transformer_lib.NextAccelTransformer, ima
   return tree["params"]
 
 
-def _host_restore_args(abstract):
+def _host_args(abstract):
   return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
 
 
@@ -268,10 +124,6 @@ def _to_device(tree):
   # Uncommitted arrays, like `jnp.asarray` of host data: a restore onto a fixed device would
   # commit them there, and jit compiles committed arguments as a different program.
   return jax.tree.map(jnp.asarray, tree)
-
-
-def _count(tree) -> int:
-  return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
 
 
 def _plain(tree):
@@ -344,11 +196,11 @@ def _record(tokenizer, tokenizer_variables, transformer, transformer_params, ima
     "format": FORMAT,
     "version": VERSION,
     "image_size": int(image_size),
-    "tokenizer": fields_to_json(tokenizer),
-    "transformer": fields_to_json(transformer),
+    "tokenizer": fields_lib.to_json(tokenizer),
+    "transformer": fields_lib.to_json(transformer),
     "num_params": {
-      "tokenizer": _count(tokenizer_variables["params"]),
-      "transformer": _count(transformer_params),
+      "tokenizer": layers.count_params(tokenizer_variables["params"]),
+      "transformer": layers.count_params(transformer_params),
     },
     "data": data,
     "meta": meta,
@@ -367,12 +219,8 @@ def _prepare(
   """Builds both modules, checks the variables against them; returns `Exported` (no meta)."""
   if not isinstance(image_size, int | np.integer) or image_size <= 0:
     raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-  tokenizer = module_from_json(aqvae_lib.AQVAE, dict(tokenizer_fields), "tokenizer_fields")
-  try:
-    kwargs = transformer_kwargs(transformer_fields, module_fields(tokenizer))
-  except ValueError as e:
-    raise ValueError(f"transformer_fields: {e}") from e
-  transformer = module_from_json(transformer_lib.NextAccelTransformer, kwargs, "transformer_fields")
+  tokenizer = aqvae_lib.from_fields(tokenizer_fields, "tokenizer_fields")
+  transformer = transformer_lib.from_fields(transformer_fields, tokenizer, "transformer_fields")
   if not isinstance(tokenizer_variables, Mapping) or not {"params", "vq_ema"} <= set(
     tokenizer_variables
   ):
@@ -380,12 +228,12 @@ def _prepare(
     raise ValueError(f'tokenizer_variables must hold "params" and "vq_ema", got {got}')
   tok_vars = {k: tokenizer_variables[k] for k in ("params", "vq_ema")}
   params = _bare_params(transformer_params)
-  _check_shapes(
+  checkpointing.check_shapes(
     tok_vars,
     _abstract_tokenizer(tokenizer, int(image_size)),
     "tokenizer_variables do not match tokenizer_fields",
   )
-  _check_shapes(
+  checkpointing.check_shapes(
     params,
     _abstract_transformer(transformer, int(image_size)),
     "transformer_params do not match transformer_fields",
@@ -440,12 +288,12 @@ def export(
 
   Args:
     path: the export directory (local filesystem); its parent is created if needed.
-    tokenizer_fields: `AQVAE` kwargs (e.g. `module_fields(tokenizer)`, or `config.tokenizer` of a
-      training run with the dtype overrides of `stages.transformer.make_tokenizer`).
+    tokenizer_fields: `AQVAE` fields (e.g. `fields.module_fields(tokenizer)`, or `config.tokenizer`
+      of a training run).
     tokenizer_variables: the tokenizer's `{"params", "vq_ema"}` (other collections are dropped).
-    transformer_fields: `NextAccelTransformer` kwargs, e.g. `module_fields(model)` or
-      `config.model`; missing context-encoder fields are derived from the tokenizer as
-      `stages.transformer.make_model` does.
+    transformer_fields: `NextAccelTransformer` fields, e.g. `fields.module_fields(model)` or
+      `config.model`; the context-encoder fields are derived from the tokenizer
+      (`transformer.from_fields`).
     transformer_params: the transformer's params, bare or as `{"params": ...}`.
     image_size: side of the square image grid the models were trained on.
     meta: JSON-able provenance stored under `meta`. Its keys `norm`, `builder_config` and
@@ -527,7 +375,7 @@ def read_meta(path: str | os.PathLike) -> dict:
     raise FileNotFoundError(f"export {path}: no such directory")
   if not os.path.isdir(os.path.join(path, _META)):
     hint = (
-      " (it looks like a training workdir: use export_from_workdirs or Reconstructor.from_workdirs)"
+      " (it looks like a training workdir: use export_from_workdirs or load_reconstructor)"
       if _looks_like_workdir(path)
       else ""
     )
@@ -567,8 +415,8 @@ def load_export(path: str | os.PathLike) -> Exported:
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   record = read_meta(path)
   image_size = int(record["image_size"])
-  tokenizer = module_from_json(aqvae_lib.AQVAE, record["tokenizer"], f"export {path}: tokenizer")
-  transformer = module_from_json(
+  tokenizer = fields_lib.build(aqvae_lib.AQVAE, record["tokenizer"], f"export {path}: tokenizer")
+  transformer = fields_lib.build(
     transformer_lib.NextAccelTransformer, record["transformer"], f"export {path}: transformer"
   )
   want_tok = _abstract_tokenizer(tokenizer, image_size)
@@ -579,13 +427,15 @@ def load_export(path: str | os.PathLike) -> Exported:
       tree = stored[item] if item in stored.keys() else None
       if tree is None:
         raise ValueError(f"export {path}: the '{item}' item is missing")
-      _check_shapes(tree.tree, want, f"export {path}: '{item}' arrays do not match its fields")
+      checkpointing.check_shapes(
+        tree.tree, want, f"export {path}: '{item}' arrays do not match its fields"
+      )
     restored = ckptr.restore(
       path,
       args=ocp.args.Composite(
         **{
-          _TOKENIZER: ocp.args.PyTreeRestore(restore_args=_host_restore_args(want_tok)),
-          _TRANSFORMER: ocp.args.PyTreeRestore(restore_args=_host_restore_args(want_tr)),
+          _TOKENIZER: ocp.args.PyTreeRestore(restore_args=_host_args(want_tok)),
+          _TRANSFORMER: ocp.args.PyTreeRestore(restore_args=_host_args(want_tr)),
         }
       ),
     )
@@ -602,87 +452,15 @@ def load_export(path: str | os.PathLike) -> Exported:
 # Reading training workdirs
 
 
-@dataclasses.dataclass(frozen=True)
-class _Checkpoint:
-  workdir: str
-  directory: str
-  kind: str
-  step: int
-  stored: Any
-  meta: dict
-
-
-def _manager(directory: str):
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-  handlers = {"meta": ocp.JsonCheckpointHandler(), "state": ocp.PyTreeCheckpointHandler()}
-  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
-
-
-def _find_checkpoint(workdir: str, best: bool, flag: str) -> _Checkpoint:
-  """The checkpoint to read: best (if asked and kept), else the newest periodic one.
-
-  A folder without `best/` or `checkpoints/` is read as an Orbax manager folder itself.
-  """
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"{flag}={workdir}: no such directory")
-  best_dir = os.path.join(workdir, "best")
-  periodic_dir = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(best_dir) or os.path.isdir(periodic_dir):
-    candidates = ([("best", best_dir)] if best else []) + [("latest", periodic_dir)]
-  else:
-    candidates = [("latest", workdir)]
-  for kind, directory in candidates:
-    if not os.path.isdir(directory):
-      continue
-    with _manager(directory) as manager:
-      steps = sorted(manager.all_steps())
-      if not steps:
-        continue
-      step = steps[-1]
-      stored = manager.item_metadata(step)
-      if "state" not in stored.keys() or stored["state"] is None:
-        raise ValueError(f"{flag}={workdir}: the checkpoint at {directory}/{step} has no 'state'")
-      try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      except (ValueError, KeyError, FileNotFoundError):
-        meta = None
-    return _Checkpoint(workdir, directory, kind, step, stored["state"].tree, dict(meta or {}))
-  looked = ", ".join(d for _, d in candidates)
-  raise FileNotFoundError(f"{flag}={workdir}: no checkpoint (looked in {looked})")
-
-
-def _restore_subtree(ckpt: _Checkpoint, abstract, what: str):
-  """Checks the stored shapes against `abstract` (a subtree of the state), then restores it."""
-  stored = ckpt.stored
-  missing = [k for k in abstract if not isinstance(stored, Mapping) or k not in stored]
-  if missing:
-    raise ValueError(
-      f"{what}: the checkpoint state at {ckpt.directory}/{ckpt.step} has no "
-      f"{', '.join(map(repr, missing))}"
-    )
-  _check_shapes({k: stored[k] for k in abstract}, abstract, what)
-  args = ocp.args.PyTreeRestore(
-    item=abstract, restore_args=_host_restore_args(abstract), partial_restore=True
-  )
-  with _manager(ckpt.directory) as manager:
-    restored = manager.restore(ckpt.step, args=ocp.args.Composite(state=args))
-  return _to_device(restored["state"])
-
-
 def _read_config(workdir: str) -> tuple[dict, str]:
+  """The stage-2/3 run's config.json, checked for what rebuilding its models needs."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(
       f"transformer_from={workdir}: no config.json at {path} (a stage-2/3 training workdir "
       "writes one)"
     )
-  try:
-    with open(path, encoding="utf-8") as f:
-      config = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from e
-  if not isinstance(config, dict):
-    raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+  config = checkpointing.read_run_config(workdir)
   if config.get("stage") == "aqvae":
     raise ValueError(
       f"{path}: stage 'aqvae' is the tokenizer; transformer_from wants a stage-2/3 workdir "
@@ -699,19 +477,16 @@ def _read_config(workdir: str) -> tuple[dict, str]:
 
 def _make_modules(config: dict, config_path: str):
   """The tokenizer and transformer exactly as the training stage builds them."""
-  # Imported here: the stage pulls in the data pipeline and metrics, which loading an export
-  # never needs.
-  from nextaccel_jax.stages import transformer as stage
-
-  cfg = ml_collections.ConfigDict(
-    {"model": _tuplify(config["model"]), "tokenizer": _tuplify(config["tokenizer"])}
-  )
   try:
-    tokenizer = stage.make_tokenizer(cfg)
+    tokenizer = aqvae_lib.from_fields(
+      config["tokenizer"], f"{config_path}: config.tokenizer", remat=False
+    )
   except (TypeError, ValueError) as e:
     raise ValueError(f"{config_path}: config.tokenizer does not build an AQVAE: {e}") from e
   try:
-    transformer = stage.make_model(cfg)
+    transformer = transformer_lib.from_fields(
+      config["model"], tokenizer, f"{config_path}: config.model"
+    )
   except (TypeError, ValueError) as e:
     raise ValueError(
       f"{config_path}: config.model does not build a NextAccelTransformer: {e}"
@@ -719,42 +494,12 @@ def _make_modules(config: dict, config_path: str):
   return tokenizer, transformer
 
 
-def _builder_norm(name) -> str | None:
+def builder_norm(name) -> str | None:
   """The `norm` of a named `fastmri_brain_multiscale` builder config (None if unknown)."""
-  if not name:
-    return None
-  from nextaccel_jax.data import fastmri_brain_multiscale as fbm
-
-  for cfg in fbm.BUILDER_CONFIGS:
-    if cfg.name == name:
+  for cfg in fastmri_brain_multiscale.BUILDER_CONFIGS:
+    if name and cfg.name == name:
       return cfg.norm
   return None
-
-
-def _resolve_tokenizer_from(tokenizer_from, config, config_path, meta) -> str:
-  if tokenizer_from:
-    path = os.path.abspath(os.path.expanduser(os.fspath(tokenizer_from)))
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"tokenizer_from={path}: no such directory (a stage-1 workdir)")
-    return path
-  recorded = [p for p in (config.get("tokenizer_from"), meta.get("tokenizer_from")) if p]
-  if not recorded:
-    raise ValueError(
-      f"{config_path} records no tokenizer_from: pass the stage-1 workdir as tokenizer_from "
-      "(--tokenizer_from)"
-    )
-  # config.json keeps the path as given (relative to the training job's cwd); the checkpoint's
-  # metadata keeps it absolute.
-  tried = []
-  for p in recorded:
-    path = os.path.abspath(os.path.expanduser(p))
-    if os.path.isdir(path):
-      return path
-    tried.append(path)
-  raise FileNotFoundError(
-    f"tokenizer workdir not found: {config_path} records tokenizer_from={recorded[0]!r} "
-    f"(tried {', '.join(dict.fromkeys(tried))}); pass tokenizer_from (--tokenizer_from)"
-  )
 
 
 def load_workdirs(
@@ -785,26 +530,34 @@ def load_workdirs(
   config, config_path = _read_config(workdir)
   image_size = int(config["data"]["image_size"])
   tokenizer, transformer = _make_modules(config, config_path)
-  t_ckpt = _find_checkpoint(workdir, best, "transformer_from")
-  tok_dir = _resolve_tokenizer_from(tokenizer_from, config, config_path, t_ckpt.meta)
-  k_ckpt = _find_checkpoint(tok_dir, best, "tokenizer_from")
+  t_ckpt = checkpointing.find_checkpoint(workdir, best=best, field="transformer_from")
+  tok_dir = checkpointing.resolve_tokenizer_from(
+    tokenizer_from, config, t_ckpt.meta, where=config_path, how="tokenizer_from (--tokenizer_from)"
+  )
+  k_ckpt = checkpointing.find_checkpoint(tok_dir, best=best, field="tokenizer_from")
 
-  where = f"transformer_from={workdir} ({t_ckpt.kind} checkpoint, step {t_ckpt.step})"
-  params = _restore_subtree(
-    t_ckpt,
-    {"params": _abstract_transformer(transformer, image_size)},
-    f"{where}: the stored params do not match config.model of {config_path}",
+  where = f"transformer_from={workdir} ({t_ckpt.describe()})"
+  params = _to_device(
+    checkpointing.restore_checkpoint(
+      t_ckpt,
+      {"params": _abstract_transformer(transformer, image_size)},
+      to_host=True,
+      what=f"{where}: the stored params do not match config.model of {config_path}",
+    )
   )["params"]
-  where = f"tokenizer_from={tok_dir} ({k_ckpt.kind} checkpoint, step {k_ckpt.step})"
-  tok_vars = _restore_subtree(
-    k_ckpt,
-    _abstract_tokenizer(tokenizer, image_size),
-    f"{where}: the stored tokenizer does not match config.tokenizer of {config_path}",
+  where = f"tokenizer_from={tok_dir} ({k_ckpt.describe()})"
+  tok_vars = _to_device(
+    checkpointing.restore_checkpoint(
+      k_ckpt,
+      _abstract_tokenizer(tokenizer, image_size),
+      to_host=True,
+      what=f"{where}: the stored tokenizer does not match config.tokenizer of {config_path}",
+    )
   )
   data = config.get("data") or {}
   builder_config = data.get("builder_config")
   meta = {
-    "norm": _builder_norm(builder_config),
+    "norm": builder_norm(builder_config),
     "builder_config": builder_config,
     "single_coil": data.get("single_coil"),
     "stage": config.get("stage"),
@@ -840,13 +593,48 @@ def export_from_workdirs(
   ex = load_workdirs(transformer_from, tokenizer_from, best=best)
   return export(
     out,
-    tokenizer_fields=module_fields(ex.tokenizer),
+    tokenizer_fields=fields_lib.module_fields(ex.tokenizer),
     tokenizer_variables=ex.tokenizer_variables,
-    transformer_fields=module_fields(ex.transformer),
+    transformer_fields=fields_lib.module_fields(ex.transformer),
     transformer_params=ex.transformer_params,
     image_size=ex.meta["image_size"],
     meta=ex.meta["meta"],
     overwrite=overwrite,
+  )
+
+
+def load_reconstructor(
+  source: str | os.PathLike,
+  tokenizer_from: str | os.PathLike | None = None,
+  *,
+  best: bool = True,
+  sampling: inference.SamplingConfig = inference.ARGMAX,
+) -> inference.Reconstructor:
+  """An `inference.Reconstructor` from an export folder or a stage-2/3 training workdir.
+
+  Args:
+    source: An export written by `export`, or a workdir holding `config.json` (its best
+      checkpoint is used, or its newest periodic one with `best=False`).
+    tokenizer_from: Stage-1 workdir overriding the one a workdir's config.json names; exports
+      carry their tokenizer, so it is ignored for them.
+    best: For a workdir, read its best checkpoints (newest periodic where none was kept).
+    sampling: The reconstructor's default token selection.
+
+  Raises:
+    FileNotFoundError: If `source` does not exist.
+    ValueError: As `load_export` and `load_workdirs`.
+  """
+  path = os.path.expanduser(os.fspath(source))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{source}: no such stage-2/3 workdir or export folder")
+  if os.path.isfile(os.path.join(path, "config.json")):
+    ex = load_workdirs(path, tokenizer_from or None, best=best)
+  else:
+    if tokenizer_from:
+      logging.info("%s is an export with its own tokenizer; tokenizer_from is ignored", source)
+    ex = load_export(path)
+  return inference.Reconstructor(
+    ex.tokenizer, ex.tokenizer_variables, ex.transformer, ex.transformer_params, sampling
   )
 
 
@@ -933,15 +721,13 @@ __all__ = (
   "FORMAT",
   "VERSION",
   "Exported",
+  "builder_norm",
   "data_conventions",
   "describe",
   "export",
   "export_from_workdirs",
-  "fields_to_json",
   "load_export",
+  "load_reconstructor",
   "load_workdirs",
-  "module_fields",
-  "module_from_json",
   "read_meta",
-  "transformer_kwargs",
 )

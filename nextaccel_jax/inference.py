@@ -23,12 +23,11 @@ variables and jits `reconstruct` once per sampling configuration:
   rec = Reconstructor(tokenizer, tokenizer_variables, transformer, transformer_params)
   x_hat_BHW2 = rec.reconstruct(x_r32_BHW2, family_B)
   x_hat_BHW2, aux = rec.reconstruct(x_r32_BHW2, family_B, return_intermediates=True)
-  rec = Reconstructor.from_export("runs/export")  # written by `python -m nextaccel_jax.export`
-  rec = Reconstructor.from_workdirs("runs/student")  # its config.json names the tokenizer
   # Data consistency (decisions.md §6): keep the measured R = 32 samples of the input.
   x_dc_BHW2 = rec.reconstruct(x_r32_BHW2, family_B, mask_BHW=m32_BHW, maps_BCHW2=maps_BCHW2)
 
-`data_consistency` is the step on its own.
+`data_consistency` is the step on its own. This module only computes: reading trained models
+(an export, or training workdirs) is `export.load_reconstructor`'s job.
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ import jax.numpy as jnp
 
 from nextaccel_jax.data import transforms
 from nextaccel_jax.models import aqvae as aqvae_lib
+from nextaccel_jax.models import next_scale
 from nextaccel_jax.models import transformer as transformer_lib
 
 
@@ -218,10 +218,10 @@ def rollout(
   prepared = jax.lax.stop_gradient(prepared)
   cache = init_cache(transformer, idx0_Bl.shape[0])
   idx_list = [idx0_Bl.astype(jnp.int32)]
-  h_list = transformer_lib.lookup_contributions(tokenizer, tokenizer_variables, idx_list)
+  h_list = next_scale.lookup_contributions(tokenizer, tokenizer_variables, idx_list)
   logits_list = []
   for k in range(1, len(transformer.patch_nums)):
-    x_BlZ = transformer_lib.scale_input(h_list, k, transformer.patch_nums, transformer.input_mode)
+    x_BlZ = next_scale.scale_input(h_list, k, transformer.patch_nums, transformer.input_mode)
     logits_BlV, cache = transformer.apply(
       tv, x_BlZ, k, prepared, cache, method=transformer_lib.NextAccelTransformer.step
     )
@@ -231,7 +231,7 @@ def rollout(
     if k <= len(forced_idx):
       idx_Bl = jnp.asarray(forced_idx[k - 1], jnp.int32)
     idx_list.append(idx_Bl)
-    h_list += transformer_lib.lookup_contributions(tokenizer, tokenizer_variables, [idx_Bl], k)
+    h_list += next_scale.lookup_contributions(tokenizer, tokenizer_variables, [idx_Bl], k)
     if return_logits:
       logits_list.append(logits_BlV)
   aux = {"logits": logits_list} if return_logits else {}
@@ -271,14 +271,7 @@ def reconstruct(
   """
   b = x_r32_BHW2.shape[0]
   family_B = family_B.astype(jnp.int32)
-  f0_BhwZ, _ = tokenizer.apply(
-    tokenizer_variables,
-    x_r32_BHW2,
-    jnp.zeros((b,), jnp.int32),
-    family_B,
-    method=aqvae_lib.AQVAE.encode,
-  )
-  idx0_Bl = tokenizer.apply(tokenizer_variables, f0_BhwZ, 0, method=aqvae_lib.AQVAE.tokenize_scale)
+  idx0_Bl = next_scale.r32_tokens(tokenizer, tokenizer_variables, x_r32_BHW2, family_B)
   context = x_r32_BHW2 if context_BHW2 is None else context_BHW2
   idx_list, h_list, _ = rollout(
     transformer,
@@ -419,46 +412,6 @@ class Reconstructor:
     )
 
   __call__ = reconstruct
-
-  @classmethod
-  def from_export(cls, path, sampling: SamplingConfig = ARGMAX) -> Reconstructor:
-    """Loads an inference export (`nextaccel_jax.export`).
-
-    Args:
-      path: the export directory.
-      sampling: default token selection.
-    """
-    # Imported here: export imports the training stage, which imports this module.
-    from nextaccel_jax import export as export_lib
-
-    ex = export_lib.load_export(path)
-    return cls(
-      ex.tokenizer, ex.tokenizer_variables, ex.transformer, ex.transformer_params, sampling
-    )
-
-  @classmethod
-  def from_workdirs(
-    cls,
-    transformer_from,
-    tokenizer_from=None,
-    *,
-    best: bool = True,
-    sampling: SamplingConfig = ARGMAX,
-  ) -> Reconstructor:
-    """Loads the models of training workdirs, as `export.load_workdirs` does.
-
-    Args:
-      transformer_from: the stage-2/3 workdir (its `config.json` gives the model fields).
-      tokenizer_from: the stage-1 workdir; None uses the one recorded by the run.
-      best: best checkpoints (newest periodic where no best was kept); False: newest periodic.
-      sampling: default token selection.
-    """
-    from nextaccel_jax import export as export_lib
-
-    ex = export_lib.load_workdirs(transformer_from, tokenizer_from, best=best)
-    return cls(
-      ex.tokenizer, ex.tokenizer_variables, ex.transformer, ex.transformer_params, sampling
-    )
 
 
 __all__: Sequence[str] = (

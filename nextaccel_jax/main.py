@@ -49,14 +49,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _stages() -> dict:
   # Imported here so `--help` and config errors do not pay for loading every stage.
-  from nextaccel_jax.data import prepare
-  from nextaccel_jax.stages import aqvae, distill, evaluate, pipeline, transformer
+  from nextaccel_jax.stages import data as data_stage
+  from nextaccel_jax.stages import (
+    evaluate,
+    pipeline,
+    stage1_aqvae,
+    stage2_transformer,
+    stage3_distill,
+  )
 
   return {
-    "data": prepare.run,
-    "aqvae": aqvae.train_and_evaluate,
-    "transformer": transformer.train_and_evaluate,
-    "distill": distill.train_and_evaluate,
+    "data": data_stage.run,
+    "aqvae": stage1_aqvae.train_and_evaluate,
+    "transformer": stage2_transformer.train_and_evaluate,
+    "distill": stage3_distill.train_and_evaluate,
     "evaluate": evaluate.run,
     "pipeline": pipeline.run,
   }

@@ -232,6 +232,11 @@ def with_shardings(abstract, shardings):
   )
 
 
+def laid_out(abstract, mesh: Mesh, config=None, prefix: str = ""):
+  """`abstract` carrying the shardings the config's rules give it: where to restore a tree."""
+  return with_shardings(abstract, state_shardings(abstract, mesh, config, prefix))
+
+
 def shardings_of(tree):
   """The sharding of every array leaf (for `in_shardings` of arguments already placed)."""
   return jax.tree.map(lambda x: x.sharding, tree)

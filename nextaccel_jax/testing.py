@@ -13,7 +13,6 @@ the initial values themselves are not under test.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -21,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nextaccel_jax.models import aqvae
+from nextaccel_jax import sharding
+from nextaccel_jax.models import aqvae, transformer
+from nextaccel_jax.stages import common, stage1_aqvae, stage2_transformer, stage3_distill
 
 # Tiny sizes the model tests share: a 64² image → 16² latent tokenizer with 64 codes and a
 # two-block transformer whose blocks both read the 16² context (the 64² level costs most of a
@@ -89,92 +90,35 @@ def random_tokenizer_variables(model: aqvae.AQVAE, image_size: int, seed: int = 
 # ------------------------------------------------------------------------------------------------
 # A stage's train step with random weights
 
-
-@dataclasses.dataclass
-class StageStep:
-  """One stage's jitted train step laid out on a mesh, its frozen inputs drawn at random.
-
-  Attributes:
-    state: The initial train state.
-    state_sharding: Its shardings (the `config.sharding` rules).
-    jitted: `(state, batch, *frozen) -> (state, metrics)`, the stage's own `jit_steps` train step.
-    frozen: The frozen arguments after the batch (LPIPS and tower; tokenizer; tokenizer and
-      teacher), placed by the same rules.
-  """
-
-  state: Any
-  state_sharding: Any
-  jitted: Any
-  frozen: tuple
-
-  def __call__(self, state, batch):
-    return self.jitted(state, batch, *self.frozen)
-
-
 STAGES = ("aqvae", "transformer", "distill")
 
 
-def stage_step(stage: str, config, mesh, total_steps: int = 1000, seed: int = 0) -> StageStep:
+def stage_step(
+  stage: str, config, mesh, total_steps: int = 1000, seed: int = 0
+) -> common.StageStep:
   """The train step of `stage` ("aqvae", "transformer" or "distill") for `config` on `mesh`.
 
-  Weights that a real run loads from earlier stages (the tokenizer, the teacher, the student's
-  start) are random here, so no workdir or dataset is needed; the step itself is the stage's.
+  The stage's own `build_step`; weights that a real run loads from earlier stages (the
+  tokenizer, the teacher, the student's start) are random here, so no workdir or dataset is
+  needed; `seed` draws them (the state itself starts from `config.seed`, as in training).
+  `step.train` is the jitted `(state, batch, *step.frozen) -> (state, metrics)`.
   """
-  # Imported here: the stages import the models this module's helpers build on.
-  from nextaccel_jax import sharding
-  from nextaccel_jax.models import transformer as transformer_lib
-  from nextaccel_jax.stages import aqvae as aqvae_stage
-  from nextaccel_jax.stages import distill as distill_stage
-  from nextaccel_jax.stages import transformer as transformer_stage
-
-  rng = jax.random.key(seed)
   size = config.data.image_size
   if stage == "aqvae":
-    model = aqvae_stage.make_model(config)
-    tx, _ = aqvae_stage.make_optimizer(config, total_steps)
-    disc = aqvae_stage.make_discriminator(config)
-    disc_tx = aqvae_stage.make_disc_optimizer(config) if disc is not None else None
-    frozen = aqvae_stage.load_frozen(config, disc, mesh)
-    state, state_sharding = aqvae_stage.create_train_state(
-      config, model, tx, mesh, rng, disc, disc_tx, frozen
-    )
-    jitted, _ = aqvae_stage.jit_steps(
-      config, model, tx, mesh, state_sharding, disc, disc_tx, sharding.shardings_of(frozen)
-    )
-    return StageStep(state, state_sharding, jitted, (frozen,))
+    frozen = stage1_aqvae.load_frozen(config, stage1_aqvae.make_discriminator(config), mesh)
+    return stage1_aqvae.build_step(config, mesh, frozen, total_steps)
   if stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
 
-  tokenizer = transformer_stage.make_tokenizer(config)
+  tokenizer = stage2_transformer.make_tokenizer(config)
   tok_vars = random_tokenizer_variables(tokenizer, size, seed)
   tok_vars = sharding.place(tok_vars, mesh, config, prefix="frozen/")
-  tok_sharding = sharding.shardings_of(tok_vars)
-  tx, _ = transformer_stage.make_optimizer(config, total_steps)
   if stage == "transformer":
-    model = transformer_stage.make_model(config)
-    state, state_sharding = transformer_stage.create_train_state(
-      config, model, tx, mesh, rng, tok_vars
-    )
-    jitted, _, _ = transformer_stage.jit_steps(
-      config, model, tokenizer, tx, mesh, state_sharding, tok_sharding
-    )
-    return StageStep(state, state_sharding, jitted, (tok_vars,))
+    return stage2_transformer.build_step(config, mesh, tok_vars, total_steps)
 
-  student, teacher = distill_stage.make_models(config)
+  student, teacher = stage3_distill.make_models(config)
   # Unrelated random weights for the two, so the KL and its gradient are far from zero.
-  p_student = transformer_lib.init_params(student, rbg_key(seed + 1), size)["params"]
-  p_teacher = transformer_lib.init_params(teacher, rbg_key(seed + 2), size)["params"]
+  p_student = transformer.init_params(student, rbg_key(seed + 1), size)["params"]
+  p_teacher = transformer.init_params(teacher, rbg_key(seed + 2), size)["params"]
   p_teacher = sharding.place(p_teacher, mesh, config, prefix="frozen/")
-  state, state_sharding = distill_stage.create_train_state(config, student, tx, mesh, p_student)
-  jitted, _ = distill_stage.jit_steps(
-    config,
-    student,
-    teacher,
-    tokenizer,
-    tx,
-    mesh,
-    state_sharding,
-    tok_sharding,
-    sharding.shardings_of(p_teacher),
-  )
-  return StageStep(state, state_sharding, jitted, (tok_vars, p_teacher))
+  return stage3_distill.build_step(config, mesh, (tok_vars, p_teacher), total_steps, p_student)

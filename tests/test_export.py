@@ -18,9 +18,10 @@ from nextaccel_jax import export as E
 from nextaccel_jax import inference as I
 from nextaccel_jax.data import masks, transforms
 from nextaccel_jax.models import aqvae
+from nextaccel_jax.models import fields as F
 from nextaccel_jax.models import transformer as T
 from nextaccel_jax.stages import common
-from nextaccel_jax.stages import transformer as stage
+from nextaccel_jax.stages import stage2_transformer as stage
 
 # `config.tokenizer` / `config.model` sections as a training run records them (lists, dtype names).
 TOKENIZER = dict(
@@ -115,7 +116,7 @@ def write_stage1(workdir, tv, step: int = 7) -> str:
 
 
 def write_stage2(workdir, params_best, params_latest, tokenizer_from, meta_tokenizer_from=None):
-  """A stage-2 workdir as `stages.transformer.train_and_evaluate` leaves it: best at step 2,
+  """A stage-2 workdir as `stage2_transformer.train_and_evaluate` leaves it: best at step 2,
   newest periodic checkpoint at step 3, config.json."""
   config = run_config(tokenizer_from)
   tx = optax.adamw(1e-3)
@@ -193,7 +194,7 @@ def test_export_round_trip(tmp_path, models, data, reference):
   assert d["norm"] == "fs_max" and "ortho" in d["fft"]
   assert f"[B, {IMAGE}, {IMAGE}, 2]" in d["layout"]
 
-  rec = I.Reconstructor.from_export(path)
+  rec = E.load_reconstructor(path)
   np.testing.assert_array_equal(rec.reconstruct(*data), reference[0])
   x_hat, aux = rec.reconstruct(*data, return_intermediates=True)
   assert_trees_equal((x_hat, aux), reference[1])
@@ -208,15 +209,18 @@ def test_fields_round_trip(models, dtype):
     aqvae.AQVAE(dtype=jnp.dtype(dtype)),
     T.NextAccelTransformer(context_levels=("mid", "32"), cross_inner_dim=48),
   ):
-    stored = json.loads(json.dumps(E.fields_to_json(module)))
-    rebuilt = E.module_from_json(type(module), stored)
+    stored = json.loads(json.dumps(F.to_json(module)))
+    rebuilt = F.build(type(module), stored)
     assert rebuilt == module
-    assert E.fields_to_json(rebuilt) == stored
-  assert E.fields_to_json(model.clone(dtype=jnp.dtype(dtype)))["dtype"] == dtype
+    assert F.to_json(rebuilt) == stored
+  assert F.to_json(model.clone(dtype=jnp.dtype(dtype)))["dtype"] == dtype
   with pytest.raises(ValueError, match="'depthh' is not a field of NextAccelTransformer"):
-    E.module_from_json(T.NextAccelTransformer, {"depthh": 2})
+    F.build(T.NextAccelTransformer, {"depthh": 2})
   with pytest.raises(ValueError, match="vocab_size=99 disagrees with the tokenizer"):
-    E.transformer_kwargs({**MODEL, "vocab_size": 99}, TOKENIZER)
+    T.from_fields({**MODEL, "vocab_size": 99}, TOKENIZER)
+  # The training stages build the same modules from their config sections.
+  assert aqvae.from_fields(TOKENIZER, remat=False) == tokenizer
+  assert T.from_fields(MODEL, TOKENIZER) == model
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,7 +229,7 @@ def test_fields_round_trip(models, dtype):
 
 def test_from_workdirs(tmp_path, workdirs, models, data, reference):
   tok_dir, t_dir, later = workdirs
-  rec = I.Reconstructor.from_workdirs(t_dir)
+  rec = E.load_reconstructor(t_dir)
   assert rec.tokenizer == models[0] and rec.transformer == models[2]
   x_hat, aux = rec.reconstruct(*data, return_intermediates=True)
   assert_trees_equal((x_hat, aux), reference[1])
@@ -238,7 +242,7 @@ def test_from_workdirs(tmp_path, workdirs, models, data, reference):
   assert (src["tokenizer_checkpoint"], src["tokenizer_step"]) == ("latest", 7)
   assert src["tokenizer_from"] == tok_dir and src["transformer_from"] == t_dir
   assert ex.meta["data"]["norm"] == "fs_max" and ex.meta["data"]["builder_config"] == "smoke"
-  np.testing.assert_array_equal(I.Reconstructor.from_export(path).reconstruct(*data), reference[0])
+  np.testing.assert_array_equal(E.load_reconstructor(path).reconstruct(*data), reference[0])
 
   newest = E.load_workdirs(t_dir, tok_dir, best=False)
   assert newest.meta["meta"]["transformer_step"] == 3
@@ -311,7 +315,7 @@ def test_load_export_errors(tmp_path, models, workdirs):
   with pytest.raises(ValueError, match=f"{plain} is not a nextaccel_jax export"):
     E.load_export(plain)
   with pytest.raises(ValueError, match="training workdir"):
-    I.Reconstructor.from_export(workdirs[1])
+    E.load_export(workdirs[1])
 
   path = export_models(tmp_path / "exp", models)
   meta_file = os.path.join(path, "export", "metadata")
@@ -332,7 +336,7 @@ def test_workdir_errors(tmp_path, workdirs):
   with pytest.raises(FileNotFoundError, match="no config.json"):
     E.load_workdirs(empty)
   with pytest.raises(FileNotFoundError, match="tokenizer_from=.*nope: no such directory"):
-    I.Reconstructor.from_workdirs(t_dir, tmp_path / "nope")
+    E.load_reconstructor(t_dir, tmp_path / "nope")
   with pytest.raises(ValueError, match="stage 'aqvae' is the tokenizer"):
     E.load_workdirs(tok_dir)
 
@@ -353,3 +357,34 @@ def test_workdir_errors(tmp_path, workdirs):
     E.load_workdirs(bare, tok_dir)
   with pytest.raises(FileExistsError, match="overwrite"):
     E.export_from_workdirs(t_dir, transformer_from=t_dir)
+
+
+def test_load_reconstructor_dispatches_on_config_json(monkeypatch, tmp_path):
+  calls = []
+
+  def load_workdirs(path, tokenizer_from=None, *, best=True):
+    calls.append(("workdir", path, tokenizer_from, best))
+    return E.Exported(None, None, None, None, {})
+
+  def load_export(path):
+    calls.append(("export", path))
+    return E.Exported(None, None, None, None, {})
+
+  monkeypatch.setattr(E, "load_workdirs", load_workdirs)
+  monkeypatch.setattr(E, "load_export", load_export)
+  monkeypatch.setattr(I, "Reconstructor", lambda *args: args)
+  workdir, export = tmp_path / "student", tmp_path / "export"
+  workdir.mkdir()
+  export.mkdir()
+  (workdir / "config.json").write_text("{}")
+  E.load_reconstructor(str(workdir))
+  E.load_reconstructor(str(workdir), "runs/aqvae", best=False)
+  # Exports carry their tokenizer: an override is ignored.
+  E.load_reconstructor(str(export), "ignored/for/exports")
+  assert calls == [
+    ("workdir", str(workdir), None, True),
+    ("workdir", str(workdir), "runs/aqvae", False),
+    ("export", str(export)),
+  ]
+  with pytest.raises(FileNotFoundError, match="nowhere: no such stage-2/3 workdir"):
+    E.load_reconstructor(str(tmp_path / "nowhere"))

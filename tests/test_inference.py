@@ -12,7 +12,7 @@ import pytest
 from nextaccel_jax import inference as I
 from nextaccel_jax import testing
 from nextaccel_jax.models import aqvae
-from nextaccel_jax.models import transformer as T
+from nextaccel_jax.models import next_scale as NS
 
 TOKENIZER = testing.TINY_TOKENIZER
 TINY = testing.TINY_TRANSFORMER
@@ -80,8 +80,8 @@ def sharp(tiny):
 def _teacher_forced_logits(tok, tiny, forward, params, idx_list, x, family):
   tokenizer, tv = tok
   model, _ = tiny
-  h = T.lookup_contributions(tokenizer, tv, idx_list[:-1])
-  logits, _ = forward(params, T.build_inputs(h, model.patch_nums, model.input_mode), x, family)
+  h = NS.lookup_contributions(tokenizer, tv, idx_list[:-1])
+  logits, _ = forward(params, NS.build_inputs(h, model.patch_nums, model.input_mode), x, family)
   return np.asarray(logits)
 
 
@@ -175,8 +175,8 @@ def test_memorised_example_is_reproduced(tok, tiny, data, q32):
 
   @jax.jit
   def train(params, targets):
-    h = T.lookup_contributions(tokenizer, tv, targets)
-    inputs, labels = T.build_inputs(h[:-1]), jnp.concatenate(targets[1:], axis=1)
+    h = NS.lookup_contributions(tokenizer, tv, targets)
+    inputs, labels = NS.build_inputs(h[:-1]), jnp.concatenate(targets[1:], axis=1)
 
     def loss_fn(p):
       logits, _ = model.apply(p, inputs, x, family)

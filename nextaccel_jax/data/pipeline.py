@@ -21,10 +21,15 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
 from nextaccel_jax import sharding
-from nextaccel_jax.data import masks, transforms
+from nextaccel_jax.data import (
+  fastmri_brain_multiscale,  # noqa: F401  (registers the builder)
+  masks,
+  transforms,
+)
 
 
 def load_split(name: str, split: str, data_dir: str | os.PathLike | None = None):
@@ -35,10 +40,6 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike | None = None)
     split: `train`, `validation` or `test`.
     data_dir: the TFDS data dir the dataset was built into.
   """
-  import tensorflow_datasets as tfds
-
-  from nextaccel_jax.data import fastmri_brain_multiscale  # noqa: F401  (registers the builder)
-
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
     raise FileNotFoundError(
@@ -52,6 +53,11 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike | None = None)
   if split not in sources:
     raise KeyError(f"dataset {name} has no split {split!r}; it has {sorted(sources)}")
   return sources[split]
+
+
+def as_text(value) -> str:
+  """A record's string field as `str` (array_record sources give `bytes`)."""
+  return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # ------------------------------------------------------------------------------------------------

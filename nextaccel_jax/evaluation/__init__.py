@@ -1,4 +1,7 @@
-"""Evaluation of reconstructions: image-quality metrics under the paper and fastMRI protocols.
+"""Evaluation of reconstructions (fastmri_spec.md §2.2–2.5, decisions.md §7).
 
-See fastmri_spec.md §2.2, §2.3, §2.5 and decisions.md §7.
+- `metrics`: PSNR, SSIM and NMSE under the paper and fastMRI protocols (numpy).
+- `lpips_metric`: LPIPS on magnitude images under the same protocols (a JAX network).
+- `evaluators`: the accumulators every stage's validation and the evaluation stage share.
+- `report`: tables, per-slice CSV and figure grids from the accumulated scores.
 """

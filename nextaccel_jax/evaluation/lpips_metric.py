@@ -59,8 +59,8 @@ def _normalised(gt: np.ndarray, pred: np.ndarray, protocol: str) -> tuple[np.nda
   if protocol == "fastmri":
     peak = gt.max()
     return (gt / peak).astype(np.float32), (pred / peak).astype(np.float32)
-  gt_peak = np.array([metrics._peak(g) for g in gt])[:, None, None]
-  pred_peak = np.array([metrics._peak(p) for p in pred])[:, None, None]
+  gt_peak = np.array([metrics.peak(g) for g in gt])[:, None, None]
+  pred_peak = np.array([metrics.peak(p) for p in pred])[:, None, None]
   return (gt / gt_peak).astype(np.float32), (pred / pred_peak).astype(np.float32)
 
 
@@ -119,5 +119,5 @@ def lpips(
     ValueError: As `metrics.psnr` for bad inputs, and for an unknown net or images smaller than
       the network's minimum (31² for alex, 16² for vgg).
   """
-  gt, pred, _ = metrics._prepare(gt, pred, protocol, with_ssim=False)
+  gt, pred, _ = metrics.prepare(gt, pred, protocol, with_ssim=False)
   return lpips_prepared(gt, pred, protocol, net, batch_size)

@@ -20,7 +20,7 @@ Protocols (decisions.md §7 reports both):
   `(W, W)` with W the target width; that crop is left to the caller (the model grid is 256×256).
 
 LPIPS (fastmri_spec.md §2.4) needs a JAX network, runs in float32 and lives in `lpips_metric`;
-`evaluate_slices(..., lpips=...)` adds it to the other scores.
+`evaluators.score_slices` adds it to the scores of `evaluate_slices`.
 
 The numbers equal scikit-image's but come from scipy.ndimage directly, one pass of separable
 filters per slice. Everything is evaluated in float64. scikit-image keeps float32 inputs in
@@ -34,6 +34,8 @@ import numpy as np
 from scipy import ndimage
 
 PROTOCOLS = ("paper", "fastmri")
+# Protocols whose unit is the volume: one value per volume rather than per slice.
+VOLUME_PROTOCOLS = ("fastmri",)
 
 # SSIM stability constants of Wang et al. 2004, also scikit-image's defaults.
 _K1 = 0.01
@@ -88,8 +90,15 @@ def _as_magnitude(x, name: str) -> np.ndarray:
   return arr
 
 
-def _prepare(gt, pred, protocol, with_ssim: bool) -> tuple[np.ndarray, np.ndarray, bool]:
-  """Validates a pair; returns both as float64 `[S, H, W]` and whether the input was a slice."""
+def prepare(gt, pred, protocol: str, with_ssim: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+  """Validates a pair; returns both as float64 `[S, H, W]` and whether the input was a slice.
+
+  `with_ssim` also checks that the images are at least the protocol's SSIM window.
+
+  Raises:
+    ValueError: For complex, non-finite, wrongly ranked or mismatched inputs, an unknown
+      protocol, too small images (with `with_ssim`), or an all-zero target under `fastmri`.
+  """
   _check_protocol(protocol)
   gt = _as_magnitude(gt, "gt")
   pred = _as_magnitude(pred, "pred")
@@ -164,7 +173,7 @@ def _sum_sq(x: np.ndarray, out: np.ndarray) -> np.float64:
   return np.multiply(x, x, out=out).sum()
 
 
-def _peak(x_HW: np.ndarray) -> float:
+def peak(x_HW: np.ndarray) -> float:
   """The divisor of the `paper` normalisation: the maximum, or 1 if no value is positive."""
   peak = x_HW.max()
   return peak if peak > 0 else 1.0
@@ -179,7 +188,7 @@ def _paper_scores(
   x, y = np.empty(gt.shape[1:]), np.empty(gt.shape[1:])
   with np.errstate(divide="ignore", invalid="ignore"):
     for s, (g, p) in enumerate(zip(gt, pred, strict=True)):
-      g_peak, p_peak = _peak(g), _peak(p)
+      g_peak, p_peak = peak(g), peak(p)
       if "psnr" in names or "nmse" in names:
         # The error of the normalised pair, measured in the target's units: it saves a pass
         # over both images and differs from dividing first only by rounding.
@@ -224,7 +233,7 @@ def _fastmri_scores(gt: np.ndarray, pred: np.ndarray, names: tuple[str, ...]) ->
 
 
 def _single_metric(gt, pred, protocol, name: str) -> float | np.ndarray:
-  gt, pred, is_slice = _prepare(gt, pred, protocol, with_ssim=name == "ssim")
+  gt, pred, is_slice = prepare(gt, pred, protocol, with_ssim=name == "ssim")
   if protocol == "fastmri":
     return _fastmri_scores(gt, pred, (name,))[name]
   values = _paper_scores(gt, pred, (name,))[name]
@@ -294,56 +303,33 @@ def nmse(gt, pred, protocol: str = "paper") -> float | np.ndarray:
   return _single_metric(gt, pred, protocol, "nmse")
 
 
-def _lpips_nets(lpips) -> tuple[str, ...]:
-  """The `lpips` argument of `evaluate_slices` as a tuple of net names."""
-  if lpips is False or lpips is None:
-    return ()
-  if lpips is True:
-    return ("alex",)
-  nets = (lpips,) if isinstance(lpips, str) else tuple(lpips)
-  for net in nets:
-    if net not in ("alex", "vgg"):
-      raise ValueError(f"lpips nets must be 'alex' or 'vgg', got {net!r}")
-  return nets
+def prepared_scores(gt: np.ndarray, pred: np.ndarray, protocol: str) -> dict:
+  """`evaluate_slices` for a pair already validated by `prepare` (float64 `[S, H, W]`)."""
+  names = ("psnr", "ssim", "nmse")
+  if protocol == "fastmri":
+    return _fastmri_scores(gt, pred, names)
+  return _paper_scores(gt, pred, names)
 
 
-def evaluate_slices(
-  gt_SHW, pred_SHW, protocol: str = "paper", lpips=False
-) -> dict[str, np.ndarray | float]:
-  """PSNR, SSIM and NMSE (and optionally LPIPS) of a volume under one protocol, validating and
-  normalising only once.
+def evaluate_slices(gt_SHW, pred_SHW, protocol: str = "paper") -> dict[str, np.ndarray | float]:
+  """PSNR, SSIM and NMSE of a volume under one protocol, validating and normalising only once.
+
+  `evaluation.evaluators.score_slices` adds LPIPS (a JAX network) to these numpy metrics.
 
   Args:
     gt_SHW: Target magnitudes `[S, H, W]`; a `[H, W]` slice counts as a one-slice volume.
     pred_SHW: Reconstructed magnitudes, same shape.
     protocol: One of `PROTOCOLS`.
-    lpips: False (default), True for LPIPS-alex, or a net name or sequence of names from
-      ("alex", "vgg"). Each adds a key `lpips_<net>` computed by `lpips_metric.lpips`; this runs
-      a JAX network, while the other metrics stay in numpy.
 
   Returns:
-    `{"psnr", "ssim", "nmse"}` plus `lpips_<net>` keys: float64 arrays `[S]` under `paper` (also
-    for a single slice, so rows go straight into a per-slice table), floats under `fastmri`
-    (for LPIPS the mean over slices, as fastMRI averages SSIM).
+    `{"psnr", "ssim", "nmse"}`: float64 arrays `[S]` under `paper` (also for a single slice, so
+    rows go straight into a per-slice table), floats under `fastmri`.
 
   Raises:
-    ValueError: As for `psnr`, `ssim` and `nmse`, and for an unknown LPIPS net.
+    ValueError: As for `psnr`, `ssim` and `nmse`.
   """
-  nets = _lpips_nets(lpips)
-  gt, pred, _ = _prepare(gt_SHW, pred_SHW, protocol, with_ssim=True)
-  names = ("psnr", "ssim", "nmse")
-  if protocol == "fastmri":
-    scores = _fastmri_scores(gt, pred, names)
-  else:
-    scores = _paper_scores(gt, pred, names)
-  if nets:
-    # Imported here so the numpy metrics do not pull in JAX and the network.
-    from nextaccel_jax.evaluation import lpips_metric
-
-    for net in nets:
-      values = lpips_metric.lpips_prepared(gt, pred, protocol, net, lpips_metric.DEFAULT_BATCH_SIZE)
-      scores[f"lpips_{net}"] = float(values.mean()) if protocol == "fastmri" else values
-  return scores
+  gt, pred, _ = prepare(gt_SHW, pred_SHW, protocol, with_ssim=True)
+  return prepared_scores(gt, pred, protocol)
 
 
 def summarize(values) -> tuple[float, float]:

@@ -25,9 +25,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from nextaccel_jax.evaluation import metrics
+
 ZERO_FILLED = "zero_filled"
 # Protocols whose unit is the volume: means and standard deviations run over volumes.
-VOLUME_PROTOCOLS = ("fastmri",)
+VOLUME_PROTOCOLS = metrics.VOLUME_PROTOCOLS
 ALL = "all"
 
 

@@ -10,7 +10,7 @@ bicubic + Phi, and the active scales' contributions are averaged into `f_hat`, w
 decoder turns into the FS image.
 
 Parameter paths follow VAR's VQ-VAE (`encoder`, `quant_conv`, `quantize/quant_resi/qresi_ls_{j}`,
-`post_quant_conv`, `decoder`), so `from_var_state_dict` converts `vae_ch160v4096z32.pth`
+`post_quant_conv`, `decoder`), so `convert.var_vae` converts `vae_ch160v4096z32.pth`
 mechanically (var_spec.md §1.7). The codebook is not a parameter: it lives in the `vq_ema`
 collection.
 """
@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
 
 from nextaccel_jax.models import autoencoder
+from nextaccel_jax.models import fields as fields_lib
 from nextaccel_jax.models.quantizer import PATCH_NUMS, MultiScaleQuantizer
 
 NUM_LEVELS = len(PATCH_NUMS)
-# VAR buffers that carry no model state: a usage monitor of the quantizer.
-IGNORED_TORCH_KEYS = ("quantize.ema_vocab_hit_SV",)
 
 
 def _conv3(features: int, dtype, param_dtype, name: str) -> nn.Conv:
@@ -169,98 +167,14 @@ def init_variables(model: AQVAE, rng: jax.Array, image_size: int, batch: int = 1
   return jax.jit(functools.partial(model.init, train=False))(rng, levels, family)
 
 
+def from_fields(fields: Mapping[str, Any], where: str = "", **overrides) -> AQVAE:
+  """The AQ-VAE of a config section or stored JSON fields (`fields.build`), `overrides` on top.
+
+  Stage 2 passes `remat=False`: the frozen tokenizer only runs forward.
+  """
+  return fields_lib.build(AQVAE, {**dict(fields), **overrides}, where or "AQVAE fields")
+
+
 def min_image_size(ch_mult: Sequence[int], latent: int = 16) -> int:
   """The image side giving a `latent`² grid: each level but the last halves the resolution."""
   return latent * 2 ** (len(ch_mult) - 1)
-
-
-# ------------------------------------------------------------------------------------------------
-# VAR checkpoint conversion (var_spec.md §1.7)
-
-
-def _conv_kernel(w: np.ndarray) -> np.ndarray:
-  return np.array(np.transpose(np.asarray(w), (2, 3, 1, 0)))
-
-
-def from_var_state_dict(state_dict: Mapping[str, np.ndarray], **model_fields):
-  """Converts VAR's VQ-VAE state dict into AQ-VAE variables.
-
-  Args:
-    state_dict: VAR key names (`encoder.conv_in.weight`, `quantize.embedding.weight`, …) → numpy
-      arrays (e.g. `{k: v.numpy() for k, v in torch.load(path).items()}`).
-    **model_fields: `AQVAE` fields (paper size by default).
-
-  Returns:
-    `(variables, report)`: `variables = {"params", "vq_ema"}` with every array copied; `report` has
-    `unused_torch_keys` (keys nothing consumed, excluding known buffers), `unfilled_leaves` (Flax
-    leaves left at their initial value: only FiLM layers and the label embedding are expected) and
-    `unexpected_unfilled` (the subset that is not FiLM — empty for a complete checkpoint).
-  """
-  sd = {k: np.asarray(v) for k, v in state_dict.items()}
-  model = AQVAE(**model_fields)
-  size = min_image_size(model.ch_mult)
-  variables = jax.tree.map(np.array, init_variables(model, jax.random.key(0), size))
-  params = variables["params"]
-  used: set[str] = set()
-  filled: set[tuple[str, ...]] = set()
-
-  for part in ("encoder", "decoder"):
-    params[part], part_used = autoencoder.params_from_torch(sd, f"{part}.", params[part])
-    used |= set(part_used)
-    filled |= {(part, *_flax_path_of(k)) for k in part_used}
-
-  for conv in ("quant_conv", "post_quant_conv"):
-    w, b = f"{conv}.weight", f"{conv}.bias"
-    if w in sd:
-      params[conv] = {"kernel": _conv_kernel(sd[w]), "bias": np.array(sd[b])}
-      used |= {w, b}
-      filled |= {(conv, "kernel"), (conv, "bias")}
-
-  phi = params["quantize"]["quant_resi"]
-  for j in range(model.num_phi):
-    w, b = f"quantize.quant_resi.qresi_ls.{j}.weight", f"quantize.quant_resi.qresi_ls.{j}.bias"
-    if w in sd:
-      phi[f"qresi_ls_{j}"] = {"kernel": _conv_kernel(sd[w]), "bias": np.array(sd[b])}
-      used |= {w, b}
-      filled |= {("quantize", "quant_resi", f"qresi_ls_{j}", "kernel")}
-      filled |= {("quantize", "quant_resi", f"qresi_ls_{j}", "bias")}
-
-  vq = variables["vq_ema"]["quantize"]
-  if "quantize.embedding.weight" in sd:
-    embed = np.array(sd["quantize.embedding.weight"], np.float32)
-    if embed.shape != vq["embed"].shape:
-      raise ValueError(
-        f"quantize.embedding.weight has shape {embed.shape}, the model's codebook is "
-        f"{vq['embed'].shape}; pass vocab_size/z_channels matching the checkpoint"
-      )
-    vq["embed"] = embed
-    vq["embed_avg"] = embed.copy()
-    vq["cluster_size"] = np.ones_like(vq["cluster_size"])
-    used.add("quantize.embedding.weight")
-
-  flat = traverse_util.flatten_dict(params)
-  unfilled = sorted("/".join(p) for p in flat if p not in filled)
-  film = [p for p in unfilled if "/film/" in f"/{p}/" or p.startswith("encoder/label_embed/")]
-  report = {
-    "unused_torch_keys": sorted(k for k in sd if k not in used and k not in IGNORED_TORCH_KEYS),
-    "ignored_torch_keys": sorted(k for k in sd if k in IGNORED_TORCH_KEYS),
-    "unfilled_leaves": unfilled,
-    "unexpected_unfilled": sorted(set(unfilled) - set(film)),
-  }
-  return {"params": params, "vq_ema": variables["vq_ema"]}, report
-
-
-def _flax_path_of(torch_key: str) -> tuple[str, ...]:
-  """`encoder.down.0.block.1.conv1.weight` → `("down_0", "block_1", "conv1", "kernel")`."""
-  parts = torch_key.split(".")[1:]
-  out: list[str] = []
-  for p in parts[:-1]:
-    if p.isdigit() and out:
-      out[-1] = f"{out[-1]}_{p}"
-    else:
-      out.append(p)
-  leaf = parts[-1]
-  if leaf == "weight":
-    prev = out[-1] if out else ""
-    leaf = "scale" if prev.startswith("norm") else "kernel"
-  return (*out, leaf)

@@ -1,4 +1,4 @@
-"""AQ-VAE encoder (VAR VQ-VAE topology + FiLM) and decoder, with the PyTorch converter.
+"""AQ-VAE encoder (VAR VQ-VAE topology + FiLM) and decoder.
 
 Shape legend:
   B: batch size.
@@ -21,8 +21,8 @@ with `_` (var_spec.md §1.7):
 
 `down_{i}`, `mid` and `up_{i}` are container modules (`Down`, `Mid`, `Up`); FiLM adds
 `.../block_{j}/film/{kernel,bias}` and `label_embed/{acc,family}/embedding`, which have no
-torch counterpart. `remat=True` wraps the Resnet/Attn blocks in `nn.remat` without changing any
-path.
+torch counterpart (`convert.var_vae` maps VAR's weights onto these paths). `remat=True` wraps
+the Resnet/Attn blocks in `nn.remat` without changing any path.
 
 Input convention: a complex image enters as channels `[real, imag, 0]` (the pretrained
 `conv_in`/`conv_out` are 3-channel, decisions.md §2); `to_model_input` builds that, and
@@ -34,15 +34,9 @@ Labels: `acc_B` indexes the acceleration list (R = 32, 16, 8, 4, 2, fully sample
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
 
 from nextaccel_jax.models.layers import (
   AttnBlock,
@@ -375,95 +369,3 @@ class Decoder(nn.Module):
     h = nn.silu(GroupNorm(self.norm_groups, name="norm_out", **kw)(h))
     x_BHWC = conv(self.out_channels, 3, name="conv_out", **kw)(h)
     return x_BHWC, aux
-
-
-def count_params(params: Any) -> int:
-  """Number of scalars in a parameter tree (arrays or `jax.ShapeDtypeStruct` leaves)."""
-  return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
-
-
-# Flax parameter leaves that have no PyTorch counterpart and keep the target's (zero) init.
-_FLAX_ONLY = ("film", "label_embed")
-
-
-def _flax_path(torch_key: str) -> tuple[tuple[str, ...], str]:
-  """Splits `down.0.block.1.conv1.weight` into (`down_0`, `block_1`, `conv1`) and `weight`."""
-  *segments, leaf = torch_key.split(".")
-  path: list[str] = []
-  for seg in segments:
-    if seg.isdigit() and path:
-      path[-1] = f"{path[-1]}_{seg}"
-    else:
-      path.append(seg)
-  return tuple(path), leaf
-
-
-def params_from_torch(
-  state_dict: Mapping[str, np.ndarray],
-  prefix: str,
-  target: Mapping[str, Any],
-  flax_only: Sequence[str] = _FLAX_ONLY,
-) -> tuple[dict[str, Any], set[str]]:
-  """Maps one sub-tree of a VAR PyTorch state dict onto a Flax parameter tree (§1.7).
-
-  A key `prefix + "a.0.b.weight"` goes to the Flax path `a_0/b/<leaf>`: a conv weight
-  (O, I, kh, kw) becomes `kernel` (kh, kw, I, O), a Linear weight (out, in) becomes `kernel`
-  (in, out), a norm weight becomes `scale`, an Embedding weight becomes `embedding` unchanged;
-  `bias` stays `bias`. Arrays are copied and cast to the dtype of the target leaf.
-
-  Args:
-    state_dict: torch key → array (e.g. `{k: v.numpy() for k, v in sd.items()}`).
-    prefix: the sub-tree to convert, e.g. `"encoder."` or `"decoder."`; other keys are ignored.
-    target: the module's `params` collection, whose structure and shapes the result follows.
-      Leaves whose path has a segment in `flax_only` may be absent from torch; those keep the
-      target's values, so they must be arrays (any other leaf may be a ShapeDtypeStruct).
-    flax_only: path segments of Flax-only parameters (FiLM, label embedding).
-
-  Returns:
-    `(params, used_keys)`: the filled tree and the torch keys consumed.
-
-  Raises:
-    KeyError: a torch key under `prefix` has no Flax leaf, or a Flax leaf outside
-      `flax_only` has no torch key.
-    ValueError: shapes disagree.
-  """
-  flat_target = traverse_util.flatten_dict(dict(target))
-  filled: dict[tuple[str, ...], jax.Array] = {}
-  used: set[str] = set()
-  unmapped: list[str] = []
-  for key, value in state_dict.items():
-    if not key.startswith(prefix):
-      continue
-    path, leaf = _flax_path(key[len(prefix) :])
-    arr = np.array(value, copy=True)
-    dest = None
-    if leaf == "bias":
-      dest = path + ("bias",)
-    elif leaf == "weight":
-      if path + ("kernel",) in flat_target:
-        dest = path + ("kernel",)
-        if arr.ndim == 4:
-          arr = arr.transpose(2, 3, 1, 0)
-        elif arr.ndim == 2:
-          arr = arr.T
-      elif path + ("scale",) in flat_target:
-        dest = path + ("scale",)
-      elif path + ("embedding",) in flat_target:
-        dest = path + ("embedding",)
-    if dest is None or dest not in flat_target:
-      unmapped.append(key)
-      continue
-    ref = flat_target[dest]
-    if tuple(arr.shape) != tuple(ref.shape):
-      raise ValueError(f"{key}: converted shape {arr.shape} != flax {'/'.join(dest)} {ref.shape}")
-    filled[dest] = jnp.asarray(arr, dtype=ref.dtype)
-    used.add(key)
-  if unmapped:
-    raise KeyError(f"torch keys without a flax leaf: {sorted(unmapped)}")
-  missing = [p for p in flat_target if p not in filled]
-  unexpected = ["/".join(p) for p in missing if not set(p) & set(flax_only)]
-  if unexpected:
-    raise KeyError(f"flax leaves without a torch key under {prefix!r}: {sorted(unexpected)}")
-  for p in missing:
-    filled[p] = flat_target[p]
-  return traverse_util.unflatten_dict(filled), used

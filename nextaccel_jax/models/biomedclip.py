@@ -29,11 +29,12 @@ with network access, e.g.
   huggingface-cli download microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 \
       open_clip_pytorch_model.bin --local-dir weights/biomedclip
 
-or through the "Files and versions" tab of the repository's web page. `load_weights(path)` reads
-it with torch (CPU build suffices, no timm/open_clip) and converts the vision tower; an `.npz`
-holding the same torch key names is read with numpy alone, so a converted copy can be used on
-machines without torch. Without weights, `init_params` gives a randomly initialised tower: that is
-structurally BiomedCLIP but not the paper's discriminator, and is meant for smoke runs only.
+or through the "Files and versions" tab of the repository's web page.
+`convert.checkpoints.load_state_dict(path)` reads it with torch (CPU build suffices, no
+timm/open_clip; an `.npz` holding the same torch key names is read with numpy alone) and
+`from_torch_state_dict` converts the vision tower. Without weights, `init_params` gives a
+randomly initialised tower: that is structurally BiomedCLIP but not the paper's discriminator,
+and is meant for smoke runs only.
 
 Frozen use: the tower is a fixed feature extractor. `apply_frozen` runs it with
 `jax.lax.stop_gradient` on the parameters, so gradients reach the input image (and, through
@@ -52,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from nextaccel_jax.models.layers import maybe_remat
+from nextaccel_jax.models.layers import maybe_remat, torch_key_path
 
 # OpenAI CLIP normalisation, which BiomedCLIP's open_clip config uses (timm's own 0.5 is not).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -375,15 +376,8 @@ _FOREIGN_PREFIXES = ("text.", "logit_scale", "head.weight", "head.bias")
 
 def _flax_dest(rel_key: str, flat_target: Mapping[tuple[str, ...], Any]):
   """Flax path and array transform for a trunk-relative torch key, or None if it has none."""
-  *segments, leaf = rel_key.split(".")
-  path: list[str] = []
-  for seg in segments:
-    if seg.isdigit() and path:
-      path[-1] = f"{path[-1]}_{seg}"
-    else:
-      path.append(seg)
-  path_t = tuple(path)
-  if not segments:
+  path_t, leaf = torch_key_path(rel_key)
+  if not path_t:
     dest = (leaf,)
     return (dest, lambda a: a) if dest in flat_target else None
   if leaf == "bias":
@@ -513,33 +507,3 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], seed: int = 0, **fields
     "unfilled_leaves": sorted("/".join(p) for p in unfilled),
   }
   return traverse_util.unflatten_dict(filled), report
-
-
-def load_weights(path: str, **fields):
-  """Reads `open_clip_pytorch_model.bin` (or an `.npz` of the same keys) and converts it.
-
-  `.bin`/`.pt`/`.pth` files need torch (the CPU build is enough), imported only here.
-
-  Returns:
-    `from_torch_state_dict`'s `(params, report)`.
-  """
-  path = str(path)
-  if path.endswith(".npz"):
-    with np.load(path) as data:
-      sd = {k: np.array(data[k]) for k in data.files}
-    return from_torch_state_dict(sd, **fields)
-  try:
-    import torch
-  except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(
-      f"reading {path} needs torch (pip install torch, CPU build); or convert it to .npz "
-      "with numpy-only keys elsewhere"
-    ) from e
-  raw = torch.load(path, map_location="cpu", weights_only=True)
-  raw = _clean_state_dict(raw)
-  sd = {}
-  for k, v in raw.items():
-    if isinstance(v, torch.Tensor):
-      t = v.detach().cpu()
-      sd[k] = np.array((t.float() if t.is_floating_point() else t).numpy(), copy=True)
-  return from_torch_state_dict(sd, **fields)

@@ -18,7 +18,7 @@ Design (biomedclip_lpips_spec.md §3, re-implemented from that description):
 Variable collections of `Discriminator`:
   * `params`: the heads, the only trainable parameters (23.6 M at paper size).
   * `tower`: the BiomedCLIP tower's parameter tree, exactly `biomedclip.BiomedCLIPVision`'s
-    `params` (so `biomedclip.load_weights(path)[0]` drops in). Always behind `stop_gradient`.
+    `params` (so `biomedclip.from_torch_state_dict(sd)[0]` drops in). Always behind `stop_gradient`.
   * `spectral`: the power-iteration vectors u, v of every spectral-normalised conv. Updated by a
     call with `train=True` and `mutable=["spectral"]`; read only with `train=False`.
 
@@ -427,7 +427,7 @@ def init_variables(
 
   The heads' initialisation depends only on the feature shapes, so they are initialised on
   zero features and the tower is never run. Without `tower_params` (e.g. from
-  `biomedclip.load_weights`) a random tower is drawn: a smoke-run stand-in, not BiomedCLIP.
+  `biomedclip.from_torch_state_dict`) a random tower is drawn: a smoke-run stand-in, not BiomedCLIP.
   """
   rng_tower, rng_heads = jax.random.split(rng)
   tower = disc.make_tower()

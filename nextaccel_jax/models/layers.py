@@ -17,11 +17,13 @@ blocks (`ResnetBlock`, `AttnBlock`) return `(y, aux)`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -57,6 +59,25 @@ def maybe_remat(cls, remat: bool | str, **kwargs):
   if name == "none":
     return cls
   return nn.remat(cls, policy=REMAT_POLICIES[name], **kwargs)
+
+
+def torch_key_path(torch_key: str) -> tuple[tuple[str, ...], str]:
+  """A PyTorch state-dict key as a Flax path and its leaf name: an integer segment joins the name
+  before it with `_`, so `down.0.block.1.conv1.weight` gives `("down_0", "block_1", "conv1")` and
+  `"weight"`."""
+  *segments, leaf = torch_key.split(".")
+  path: list[str] = []
+  for seg in segments:
+    if seg.isdigit() and path:
+      path[-1] = f"{path[-1]}_{seg}"
+    else:
+      path.append(seg)
+  return tuple(path), leaf
+
+
+def count_params(tree) -> int:
+  """Number of scalars in a tree of arrays or `jax.ShapeDtypeStruct`s."""
+  return sum(math.prod(getattr(x, "shape", np.shape(x))) for x in jax.tree.leaves(tree))
 
 
 def island_dtype(dtype: Dtype) -> Dtype:

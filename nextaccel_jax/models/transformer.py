@@ -44,31 +44,14 @@ Parameter paths follow VAR's state dict where one exists (`word_embed`, `class_e
 for the cross-attention (`blocks_{i}/cross_attn/{mat_q,q_bias,mat_kv,v_bias,scale_mul_1H11,
 proj}`); the context encoder has the stage-1 encoder's paths under `context_encoder/`.
 
-Functions the training stages call (all pure and usable inside `jax.jit`; the model objects are
-static, their variables are arguments):
+Building and initialising it (pure; usable inside `jax.jit`, the model objects are static):
 
-  tokenize_levels(tokenizer, tokenizer_variables, levels_BKHW2, family_B) -> [idx_Bl] * K
-  lookup_contributions(tokenizer, tokenizer_variables, idx_list, first_scale=0) -> [h_BhwZ]
-  scale_input(h_list, k, patch_nums=PATCH_NUMS, mode="mean") -> x_BlZ
-  build_inputs(h_list, patch_nums=PATCH_NUMS, mode="mean") -> x_BLZ
-  randomize_prefix(rng, idx_list, p_max, vocab_size) -> ([idx_Bl], aux)
-  teacher_forcing_batch(transformer, tokenizer, tokenizer_variables, levels_BKHW2, family_B,
-                        rng=None) -> dict(targets_BL, inputs_BLZ, context_BHW2, idx, input_idx,
-                                          prefix_prob_B)
+  from_fields(model_fields, tokenizer_fields) -> NextAccelTransformer
   NextAccelTransformer.__call__(x_BLZ, context_BHW2, family_B, train=False) -> (logits_BLV, aux)
   init_params(transformer, rng, image_size, batch=1) -> {"params": ...}
-  context_encoder_params_from_aqvae(aqvae_params) -> encoder subtree
-  insert_context_encoder(transformer_params, encoder_params) -> transformer params
-  trainable_mask(params, trainable_context_encoder=True) -> tree of bools
-  mask_frozen(tx, trainable_context_encoder=True) -> optax transformation
 
-A stage-2 step (student or teacher; the role and the prefix noise are fields of the model):
-
-  batch = teacher_forcing_batch(model, tokenizer, tok_vars, levels_BKHW2, family_B, rng=rng_noise)
-  logits_BLV, _ = model.apply({"params": params}, batch["inputs_BLZ"], batch["context_BHW2"],
-                              family_B, train=True, rngs={"dropout": rng_drop})
-  loss = mean CE(logits_BLV, batch["targets_BL"])
-
+The inputs the sequence is built from (tokens of the frozen tokenizer, the running mean of the
+scales, the teacher's randomised prefix, the context image of each role) are in `next_scale`.
 The cached sampler (`prepare` + `step`, one call per scale) lives in `nextaccel_jax.inference`.
 """
 
@@ -83,13 +66,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import traverse_util
 
 from nextaccel_jax.models import aqvae as aqvae_lib
 from nextaccel_jax.models import autoencoder
+from nextaccel_jax.models import fields as fields_lib
 from nextaccel_jax.models.layers import Dtype, island_dtype, maybe_remat
-from nextaccel_jax.models.quantizer import PATCH_NUMS, area_matrix, resize
+from nextaccel_jax.models.quantizer import PATCH_NUMS
 
 ROLES = ("student", "teacher")
 INPUT_MODES = ("mean", "previous")
@@ -828,10 +810,6 @@ def init_params(model: NextAccelTransformer, rng: jax.Array, image_size: int, ba
   return jax.jit(functools.partial(model.init, train=False))(rng, x, ctx, family)
 
 
-# --------------------------------------------------------------------------------------------------
-# The tokenizer side of teacher forcing (pure functions; the tokenizer is frozen).
-
-
 def context_encoder_fields(tokenizer) -> dict[str, Any]:
   """Transformer fields that must agree with the stage-1 tokenizer.
 
@@ -863,219 +841,34 @@ def context_encoder_fields(tokenizer) -> dict[str, Any]:
   )
 
 
-def tokenize_levels(tokenizer, tokenizer_variables, levels_BKHW2, family_B) -> list[jax.Array]:
-  """Token ids of the six levels with the frozen tokenizer: `[idx_Bl]`, scale k from level k."""
-  f_BKhwZ, _ = tokenizer.apply(
-    tokenizer_variables, levels_BKHW2, family_B, method=aqvae_lib.AQVAE.encode_levels
-  )
-  idx = tokenizer.apply(tokenizer_variables, f_BKhwZ, method=aqvae_lib.AQVAE.tokenize)
-  return [jax.lax.stop_gradient(i) for i in idx]
+def from_fields(
+  model_fields: Mapping[str, Any], tokenizer_fields, where: str = ""
+) -> NextAccelTransformer:
+  """The transformer of a config section or stored JSON fields (`fields.build`).
 
-
-def lookup_contributions(
-  tokenizer, tokenizer_variables, idx_list: Sequence[jax.Array], first_scale: int = 0
-) -> list[jax.Array]:
-  """`h_k = Phi_k(bicubic16(e[idx_k]))` (float32, 16² grid) for scales first_scale, … ."""
-  return [
-    jax.lax.stop_gradient(
-      tokenizer.apply(tokenizer_variables, idx, first_scale + i, method=aqvae_lib.AQVAE.lookup)
-    ).astype(jnp.float32)
-    for i, idx in enumerate(idx_list)
-  ]
-
-
-@functools.cache
-def _area(out_size: int, in_size: int) -> np.ndarray | None:
-  return None if out_size == in_size else area_matrix(out_size, in_size).astype(np.float32)
-
-
-def scale_input(
-  h_list: Sequence[jax.Array], k: int, patch_nums: Sequence[int] = PATCH_NUMS, mode: str = "mean"
-) -> jax.Array:
-  """Input of scale k ≥ 1 from the contributions `h_list[:k]`: `x_BlZ`, l = pn_k², float32.
-
-  "mean": `area_k(Σ_{s<k} h_s / k)`; "previous": `area_k(h_{k−1})`.
-  """
-  if k < 1 or len(h_list) < k:
-    raise ValueError(f"scale {k} needs the contributions of scales 0..{k - 1}")
-  if mode == "mean":
-    f = h_list[0].astype(jnp.float32)
-    for h in h_list[1:k]:
-      f = f + h.astype(jnp.float32)
-    f = f / k
-  elif mode == "previous":
-    f = h_list[k - 1].astype(jnp.float32)
-  else:
-    raise ValueError(f"input mode must be one of {INPUT_MODES}, got {mode!r}")
-  pn = patch_nums[k]
-  area = _area(pn, f.shape[1])
-  if area is not None:
-    f = resize(f, area)
-  return f.reshape(f.shape[0], pn * pn, f.shape[-1])
-
-
-def build_inputs(
-  h_list: Sequence[jax.Array], patch_nums: Sequence[int] = PATCH_NUMS, mode: str = "mean"
-) -> jax.Array:
-  """Teacher-forcing inputs `x_BLZ` of scales 1..K−1 from the contributions of scales 0..K−2."""
-  return jnp.concatenate(
-    [scale_input(h_list, k, patch_nums, mode) for k in range(1, len(patch_nums))], axis=1
-  )
-
-
-def randomize_prefix(
-  rng: jax.Array, idx_list: Sequence[jax.Array], p_max: float, vocab_size: int
-) -> tuple[list[jax.Array], dict[str, jax.Array]]:
-  """Randomised prefix: each id is replaced by a uniform random id with probability p_B.
-
-  p_B ~ U(0, p_max) is drawn once per sample and shared by all the sample's ids (a replacement
-  may draw the original id again, with probability 1/V).
+  The context encoder's sizes, `vocab_size`, `z_channels` and `patch_nums` are taken from the
+  tokenizer (`context_encoder_fields`), so the two always agree.
 
   Args:
-    rng: PRNG key.
-    idx_list: input ids `[idx_Bl]` (the teacher-forced prefix, never the targets).
-    p_max: upper end of the per-sample replacement probability.
-    vocab_size: V.
+    model_fields: `NextAccelTransformer` fields, e.g. `config.model` (dtypes may be names).
+    tokenizer_fields: The stage-1 `AQVAE` or a mapping of its fields (`config.tokenizer`).
+    where: What to name in error messages.
 
-  Returns:
-    `(idx_list, aux)`: the noisy ids (same shapes and dtypes) and aux with `prob_B` (the drawn
-    p) and `replaced_B` (the fraction of the sample's ids that were redrawn).
+  Raises:
+    ValueError: An unknown field, or a given field that disagrees with the tokenizer (named).
   """
-  b = idx_list[0].shape[0]
-  k_prob, k_ids = jax.random.split(rng)
-  prob_B = jax.random.uniform(k_prob, (b,), jnp.float32) * p_max
-  out, hits, total = [], jnp.zeros((b,), jnp.float32), 0
-  for i, idx in enumerate(idx_list):
-    k_hit, k_new = jax.random.split(jax.random.fold_in(k_ids, i))
-    hit = jax.random.uniform(k_hit, idx.shape) < prob_B[:, None]
-    new = jax.random.randint(k_new, idx.shape, 0, vocab_size, dtype=idx.dtype)
-    out.append(jnp.where(hit, new, idx))
-    hits = hits + hit.sum(axis=1)
-    total += idx.shape[1]
-  return out, {"prob_B": prob_B, "replaced_B": hits / total}
-
-
-def teacher_forcing_batch(
-  transformer: NextAccelTransformer,
-  tokenizer,
-  tokenizer_variables,
-  levels_BKHW2: jax.Array,
-  family_B: jax.Array,
-  rng: jax.Array | None = None,
-) -> dict[str, Any]:
-  """Everything one teacher-forced step needs, from the six levels of a batch.
-
-  Tokenises the levels with the frozen tokenizer; the targets are scales 1..K−1 (clean). The
-  input ids are scales 0..K−2, randomised (`randomize_prefix`) when the model's
-  `prefix_noise_max` > 0 — the teacher's setting — and turned into inputs through `lookup`, so
-  the noise reaches the inputs. The context image follows the role.
-
-  Args:
-    transformer: the model (its role, input_mode and prefix_noise_max are read).
-    tokenizer: the stage-1 `AQVAE`.
-    tokenizer_variables: its `{"params", "vq_ema"}`.
-    levels_BKHW2: the six levels, R = 32 first, FS last.
-    family_B: mask-family ids.
-    rng: PRNG key for the prefix noise (required when prefix_noise_max > 0).
-
-  Returns:
-    dict with `targets_BL` (int32, B × 990), `inputs_BLZ`, `context_BHW2`, `idx` (the six clean
-    `idx_Bl`), `input_idx` (the five input `idx_Bl`) and `prefix_prob_B` (zeros without noise).
-  """
-  noisy = transformer.prefix_noise_max > 0
-  if noisy and rng is None:
-    raise ValueError("prefix_noise_max > 0 needs an rng")
-  idx = tokenize_levels(tokenizer, tokenizer_variables, levels_BKHW2, family_B)
-  input_idx = idx[:-1]
-  prob_B = jnp.zeros((levels_BKHW2.shape[0],), jnp.float32)
-  if noisy:
-    input_idx, aux = randomize_prefix(
-      rng, input_idx, transformer.prefix_noise_max, transformer.vocab_size
-    )
-    prob_B = aux["prob_B"]
-  h = lookup_contributions(tokenizer, tokenizer_variables, input_idx)
-  context = levels_BKHW2[:, 0] if transformer.role == "student" else levels_BKHW2[:, -1]
-  return {
-    "targets_BL": jnp.concatenate(idx[1:], axis=1),
-    "inputs_BLZ": build_inputs(h, transformer.patch_nums, transformer.input_mode),
-    "context_BHW2": context,
-    "idx": idx,
-    "input_idx": list(input_idx),
-    "prefix_prob_B": prob_B,
-  }
-
-
-# --------------------------------------------------------------------------------------------------
-# Context encoder from stage 1, and freezing it.
-
-
-def _unwrap(tree):
-  return tree["params"] if isinstance(tree, Mapping) and "params" in tree else tree
-
-
-def context_encoder_params_from_aqvae(aqvae_params) -> dict:
-  """The stage-1 encoder subtree (`aqvae_params` may be the params or `{"params", "vq_ema"}`)."""
-  return jax.tree.map(jnp.array, dict(_unwrap(aqvae_params)["encoder"]))
-
-
-def insert_context_encoder(transformer_params, encoder_params):
-  """A copy of the transformer params with `context_encoder` replaced (shapes must match).
-
-  Keeps the `{"params": ...}` wrapping of the input if it has one.
-  """
-  wrapped = isinstance(transformer_params, Mapping) and "params" in transformer_params
-  params = dict(_unwrap(transformer_params))
-  old = traverse_util.flatten_dict(dict(params["context_encoder"]))
-  new = traverse_util.flatten_dict(dict(encoder_params))
-  if set(old) != set(new):
-    missing, extra = sorted(set(old) - set(new)), sorted(set(new) - set(old))
-    raise ValueError(f"encoder trees differ: missing {missing[:5]}, unexpected {extra[:5]}")
-  for path, leaf in new.items():
-    if tuple(leaf.shape) != tuple(old[path].shape):
-      raise ValueError(f"{'/'.join(path)}: {leaf.shape} != {old[path].shape}")
-  params["context_encoder"] = traverse_util.unflatten_dict(
-    {p: jnp.asarray(v, old[p].dtype) for p, v in new.items()}
-  )
-  return {"params": params} if wrapped else params
-
-
-# The context is read from intermediate features; the encoder's output head never runs.
-_UNUSED_ENCODER_PARTS = ("norm_out", "conv_out")
-
-
-def trainable_mask(params, trainable_context_encoder: bool = True):
-  """Tree of bools like `params` (unwrapped), True where the optimizer may update.
-
-  The context encoder is trainable unless `trainable_context_encoder` is False; its unused
-  output head (`norm_out`, `conv_out`) is always frozen so weight decay does not drift it.
-  """
-
-  def trainable(path, _):
-    names = [getattr(p, "key", getattr(p, "name", str(p))) for p in path]
-    if "context_encoder" not in names:
-      return True
-    if not trainable_context_encoder:
-      return False
-    rest = names[names.index("context_encoder") + 1 :]
-    return not (rest and rest[0] in _UNUSED_ENCODER_PARTS)
-
-  return jax.tree.map_with_path(trainable, params)
-
-
-def mask_frozen(
-  tx: optax.GradientTransformation, trainable_context_encoder: bool = True
-) -> optax.GradientTransformation:
-  """Wraps `tx` so frozen parameters (see `trainable_mask`) get zero updates and no state.
-
-  Clipping inside `tx` then measures only the trainable gradients.
-  """
-
-  def labels(params):
-    return jax.tree.map(
-      lambda t: "train" if t else "freeze", trainable_mask(params, trainable_context_encoder)
-    )
-
-  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  where = where or "NextAccelTransformer fields"
+  fields = dict(fields_lib.tuplify(dict(model_fields)))
+  if isinstance(tokenizer_fields, Mapping):
+    tokenizer_fields = fields_lib.tuplify(dict(tokenizer_fields))
+  for name, value in context_encoder_fields(tokenizer_fields).items():
+    if name in fields and fields[name] != value:
+      raise ValueError(
+        f"{where}: transformer field {name}={fields[name]!r} disagrees with the tokenizer, which "
+        f"gives {value!r}"
+      )
+    fields[name] = value
+  return fields_lib.build(NextAccelTransformer, fields, where)
 
 
 __all__: Sequence[str] = (
@@ -1087,21 +880,12 @@ __all__: Sequence[str] = (
   "SelfAttention",
   "allocate_counts",
   "block_causal_mask",
-  "build_inputs",
   "context_encoder_fields",
-  "context_encoder_params_from_aqvae",
   "default_context_map",
+  "from_fields",
   "init_params",
-  "insert_context_encoder",
   "level_ids",
-  "lookup_contributions",
-  "mask_frozen",
-  "randomize_prefix",
-  "scale_input",
   "sequence_layout",
   "sequence_length",
   "sincos_2d",
-  "teacher_forcing_batch",
-  "tokenize_levels",
-  "trainable_mask",
 )

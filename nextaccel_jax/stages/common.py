@@ -2,47 +2,35 @@
 
 - Logging: `MetricWriter` appends one JSON object per logged step to `workdir/metrics.jsonl` and
   writes `workdir/config.json` (big_vision's writer); `Progress` is a tqdm bar for terminals.
-- Optimisation: `make_schedule` (linear warm-up, then cosine, linear or constant),
-  `make_optimizer` (global-norm clipping, then AdamW) and `no_decay_mask` (which parameters get
-  weight decay, by regex on their path).
 - Checks and measurements: `tree_norm` for the grad/param/update norms every log line carries,
-  `check_finite` for the NaN abort, `StepTimer`, `count_params` and `periodic`.
+  `check_finite` for the NaN abort, `StepTimer` and `periodic`.
 - Start-up: `compile_train_step` compiles the jitted step ahead of time from abstract inputs,
   prints its memory per device (`step_memory`) and stops with `StepMemoryError` when it cannot
   fit, before any data is loaded; the compiled step is what the loop then runs.
 
 Only process 0 writes files or draws the bar, so stage code calls these on every process alike.
+The optimizer policy (schedules, AdamW groups, freezing) is in `nextaccel_jax.optim`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 import tqdm
+from absl import logging
 
-SCHEDULES = ("cosine", "linear", "constant")
-
-# Parameters that are not weight matrices: biases, norm scales, embedding tables, positional
-# embeddings (`pos_start`, `pos_1LC`) and VAR's per-head attention temperature (`scale_mul_1H11`).
-# Decaying them towards zero only fights their initialisation (VAR excludes the same set).
-NO_DECAY_PATTERNS = (
-  r".*bias$",
-  r".*scale$",
-  r".*embedding$",
-  r"(.*/)?pos_[^/]*$",
-  r"(.*/)?scale_mul[^/]*$",
-)
+from nextaccel_jax import checkpointing, sharding
+from nextaccel_jax.data import pipeline
 
 
 def _is_chief() -> bool:
@@ -131,139 +119,7 @@ class MetricWriter:
 
 
 # ------------------------------------------------------------------------------------------------
-# Optimisation
-
-
-def make_schedule(
-  *,
-  base_lr: float,
-  total_steps: int,
-  warmup_steps: int,
-  schedule: str = "cosine",
-  end_lr: float = 0.0,
-) -> Callable[[jax.Array], jax.Array]:
-  """Learning rate per optimiser step: linear warm-up from 0, then decay to `end_lr`.
-
-  Args:
-    base_lr: Peak learning rate, reached at `warmup_steps`.
-    total_steps: Step at which the decay reaches `end_lr`.
-    warmup_steps: Length of the linear warm-up (0 for none).
-    schedule: `"cosine"` or `"linear"` decay from `base_lr` to `end_lr`, or `"constant"` at
-      `base_lr` after the warm-up.
-    end_lr: Final learning rate of the decaying schedules.
-
-  Returns:
-    A function of the step count (the number of updates already applied, as optax passes it)
-    returning a float32 learning rate; it stays at `end_lr` after `total_steps`.
-
-  Raises:
-    ValueError: For an unknown schedule or inconsistent step counts.
-  """
-  if schedule not in SCHEDULES:
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-  if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
-    raise ValueError(
-      f"need 0 <= warmup_steps <= total_steps and total_steps > 0, got warmup_steps="
-      f"{warmup_steps}, total_steps={total_steps}"
-    )
-  decay_steps = max(total_steps - warmup_steps, 1)
-
-  def lr(step):
-    step = jnp.asarray(step, jnp.float32)
-    warm = base_lr * step / max(warmup_steps, 1)
-    progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
-    if schedule == "cosine":
-      decayed = end_lr + (base_lr - end_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    elif schedule == "linear":
-      decayed = base_lr + (end_lr - base_lr) * progress
-    else:
-      decayed = jnp.full_like(progress, base_lr)
-    return jnp.where(step < warmup_steps, warm, decayed)
-
-  return lr
-
-
-def make_optimizer(
-  *,
-  learning_rate,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
-  weight_decay: float = 0.0,
-  grad_clip: float | None = None,
-  no_decay_mask_fn: Callable | None = None,
-) -> optax.GradientTransformation:
-  """Global-norm gradient clipping followed by AdamW.
-
-  Args:
-    learning_rate: A float or a schedule such as `make_schedule` returns.
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's denominator offset.
-    weight_decay: Decoupled weight decay coefficient.
-    grad_clip: Maximum global gradient norm; None or <= 0 disables clipping.
-    no_decay_mask_fn: Maps the params to a tree of bools, True where weight decay applies
-      (e.g. `no_decay_mask`); None decays every parameter.
-
-  Returns:
-    The optax transformation; its state is `(clip_state, adamw_state)` with clipping, else
-    `(adamw_state,)`.
-  """
-  parts = []
-  if grad_clip is not None and grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(grad_clip))
-  parts.append(
-    optax.adamw(
-      learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=no_decay_mask_fn
-    )
-  )
-  return optax.chain(*parts)
-
-
-def optimizer_from_config(optim, total_steps: int):
-  """`(tx, schedule)` from a config's `optim` section (lr, end_lr, schedule, warmup_steps, b1, b2,
-  weight_decay, grad_clip), with weight decay only where `no_decay_mask` allows it."""
-  schedule = make_schedule(
-    base_lr=optim.lr,
-    total_steps=total_steps,
-    warmup_steps=optim.warmup_steps,
-    schedule=optim.schedule,
-    end_lr=optim.end_lr,
-  )
-  tx = make_optimizer(
-    learning_rate=schedule,
-    b1=optim.b1,
-    b2=optim.b2,
-    weight_decay=optim.weight_decay,
-    grad_clip=optim.grad_clip,
-    no_decay_mask_fn=no_decay_mask,
-  )
-  return tx, schedule
-
-
-def param_path(path) -> str:
-  """A pytree key path as `"block_0/attn/kernel"`."""
-  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
-
-
-def no_decay_mask(params, no_decay_patterns: Sequence[str] = NO_DECAY_PATTERNS):
-  """Which parameters receive weight decay.
-
-  Args:
-    params: Parameter pytree.
-    no_decay_patterns: Regexes matched in full against each `/`-joined parameter path; a match
-      exempts the parameter from decay.
-
-  Returns:
-    A tree like `params` of Python bools, True where weight decay applies.
-  """
-  compiled = [re.compile(p) for p in no_decay_patterns]
-
-  def decays(path, _):
-    name = param_path(path)
-    return not any(p.fullmatch(name) for p in compiled)
-
-  return jax.tree.map_with_path(decays, params)
+# Checks and measurements
 
 
 def tree_norm(tree) -> jax.Array:
@@ -272,17 +128,6 @@ def tree_norm(tree) -> jax.Array:
   if not leaves:
     return jnp.zeros((), jnp.float32)
   return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32))) for x in leaves))
-
-
-def count_params(tree) -> int:
-  """Number of scalars in a tree of arrays or `jax.ShapeDtypeStruct`s."""
-  return sum(
-    math.prod(x.shape if hasattr(x, "shape") else np.shape(x)) for x in jax.tree.leaves(tree)
-  )
-
-
-# ------------------------------------------------------------------------------------------------
-# Checks and measurements
 
 
 class NonFiniteLossError(RuntimeError):
@@ -536,6 +381,84 @@ def compile_train_step(jitted, args: Sequence, *, name: str, memory=None):
 
 
 # ------------------------------------------------------------------------------------------------
+# What a stage builds
+
+
+@dataclasses.dataclass
+class StageStep:
+  """A stage's jitted steps laid out on a mesh, and the state they start from (`build_step`).
+
+  `train_and_evaluate` and `testing.stage_step` both get their step from the stage's
+  `build_step`, so tests and benchmarks time exactly what training runs.
+
+  Attributes:
+    state: The initial train state, laid out by `state_sharding`.
+    state_sharding: Its shardings (the `config.sharding` rules).
+    train: `(state, batch, *frozen) -> (state, metrics)`, jitted, the state donated.
+    frozen: The frozen arguments after the batch, already on the mesh.
+    schedule: Learning rate as a function of the 0-based step.
+    tx: The optimizer.
+    models: The modules the steps close over, by name ("model", "tokenizer", ...).
+    evals: The stage's jitted evaluation functions by name.
+  """
+
+  state: Any
+  state_sharding: Any
+  train: Callable
+  frozen: tuple
+  schedule: Callable
+  tx: Any
+  models: dict
+  evals: dict = dataclasses.field(default_factory=dict)
+
+  def __call__(self, state, batch):
+    return self.train(state, batch, *self.frozen)
+
+  def compile(self, config: ml_collections.ConfigDict, mesh, name: str) -> None:
+    """Replaces `train` by its ahead-of-time compiled form (`compile_train_step`) for the
+    config's global batch, printing its memory and stopping when it cannot fit."""
+    spec = pipeline.train_batch_spec(config.data.batch_size, config.data.image_size, mesh)
+    self.train = compile_train_step(
+      self.train, (self.state, spec, *self.frozen), name=name, memory=config.get("memory")
+    )
+
+
+def schedule_length(config: ml_collections.ConfigDict, num_records: int) -> tuple[int, int]:
+  """`(steps_per_epoch, total_steps)`: `config.num_train_steps`, else `num_epochs` epochs."""
+  steps_per_epoch = max(1, num_records // config.data.batch_size)
+  return steps_per_epoch, config.num_train_steps or config.num_epochs * steps_per_epoch
+
+
+def checkpointer(
+  config: ml_collections.ConfigDict, workdir, best_metric: str
+) -> checkpointing.Checkpointer:
+  """The stage's checkpoints: `config.ckpt.max_to_keep` periodic ones and the best by
+  `best_metric` (higher is better)."""
+  return checkpointing.Checkpointer(
+    workdir,
+    max_to_keep=config.ckpt.max_to_keep,
+    keep_best=True,
+    best_metric=best_metric,
+    best_mode="max",
+  )
+
+
+def load_frozen_params(path: str, abstract, mesh, config, *, field: str, what: str, best=True):
+  """The subtrees `abstract` of a trained run's checkpoint (best, else newest), laid out on the
+  mesh by the config's rules for frozen trees; errors name `field` and say `what` must match."""
+  try:
+    return checkpointing.load_params(
+      path,
+      sharding.laid_out(abstract, mesh, config, prefix="frozen/"),
+      best=best,
+      field=field,
+      what=f"{field}={path}: {what}",
+    )
+  except KeyError as e:
+    raise ValueError(f"{field}={path}: {what}: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------------
 # The loop every stage runs
 
 
@@ -595,7 +518,8 @@ def train_loop(
       timer.tick()
       if periodic(step, log_every) or step == total_steps:
         m = {k: float(v) for k, v in m.items()}
-        m["lr"] = float(schedule(step - 1))
+        # The count as the optimizer passes it (int32), so the logged rate is the one applied.
+        m["lr"] = float(schedule(jnp.asarray(step - 1, jnp.int32)))
         m["step_time_s"] = timer.seconds_per_step()
         if hasattr(loader, "sampler"):
           m["epoch"] = loader.sampler.epoch(step)
@@ -621,23 +545,105 @@ def train_loop(
   return state, last
 
 
-def run_stage_loop(config, workdir, *, loader, ckpt, writer, **loop_kwargs) -> dict:
-  """`train_loop` with the periods a stage config holds (`log_every`, `eval.every`,
-  `ckpt.every`, `max_steps_per_run`).
+def loaders(config: ml_collections.ConfigDict, train_src, val_src, mesh, start_step: int):
+  """The sharded train loader (resuming at `start_step`) and the fixed validation loader."""
+  train = pipeline.TrainLoader(
+    train_src,
+    global_batch_size=config.data.batch_size,
+    mesh=mesh,
+    seed=config.seed,
+    start_step=start_step,
+    single_coil=config.data.single_coil,
+  )
+  val = pipeline.EvalLoader(
+    val_src,
+    global_batch_size=config.eval.batch_size,
+    mesh=mesh,
+    max_records=config.eval.max_records or None,
+  )
+  return train, val
 
-  Closes the loader, checkpointer and writer whatever happens, and writes the last validation
+
+def resume(ckpt: checkpointing.Checkpointer, state, workdir):
+  """`(state, resumed)`: the workdir's latest checkpoint when it has one, else `state` as is."""
+  start = ckpt.latest_step()
+  if start is None:
+    return state, False
+  state, _ = ckpt.restore(checkpointing.abstract_like(state), start)
+  logging.info("resumed from %s at step %d", workdir, start)
+  return state, True
+
+
+def run_stage(
+  config: ml_collections.ConfigDict,
+  workdir,
+  *,
+  step: StageStep,
+  state,
+  ckpt: checkpointing.Checkpointer,
+  splits: tuple,
+  mesh,
+  evaluate: Callable,
+  meta: dict,
+  best_metric: str,
+  desc: str,
+  postfix: Sequence[str],
+  summary: str,
+  written_config: ml_collections.ConfigDict | None = None,
+) -> dict:
+  """The end of every training stage: `config.json`, the loaders, `train_loop` with the periods
+  the config holds (`log_every`, `eval.every`, `ckpt.every`, `max_steps_per_run`).
+
+  Args:
+    config: The stage config.
+    workdir: The stage's folder.
+    step: From the stage's `build_step` (compiled).
+    state: Where training continues (restored or initialised).
+    ckpt: The stage's checkpointer.
+    splits: `(train, validation)` sources.
+    mesh: The device mesh.
+    evaluate: `(state, validation loader) -> dict of floats`, one validation pass.
+    meta: JSON saved next to each checkpoint.
+    best_metric: Validation key that picks the best checkpoint (higher is better).
+    desc: Progress label.
+    postfix: Train metrics shown on the progress bar.
+    summary: What the stage trains, for the log line (e.g. "student: 1,234 params").
+    written_config: What `config.json` records, when it differs from `config`.
+
+  Closes the loaders, checkpointer and writer whatever happens, and writes the last validation
   metrics to `workdir/final_metrics.json`. Returns those metrics (empty when none ran).
   """
+  train_src, val_src = splits
+  steps_per_epoch, total_steps = schedule_length(config, len(train_src))
+  writer = MetricWriter(workdir)
+  writer.write_config(config if written_config is None else written_config)
+  logging.info(
+    "%s, %d steps (%d per epoch), batch %d on %d devices",
+    summary,
+    total_steps,
+    steps_per_epoch,
+    config.data.batch_size,
+    jax.device_count(),
+  )
+  loader, val_loader = loaders(config, train_src, val_src, mesh, int(state.step))
   try:
     _, last = train_loop(
+      state=state,
+      train_fn=step,
+      evaluate_fn=lambda s: evaluate(s, val_loader),
       loader=loader,
+      total_steps=total_steps,
+      schedule=step.schedule,
       ckpt=ckpt,
       writer=writer,
+      meta=meta,
+      best_metric=best_metric,
       log_every=config.log_every,
       eval_every=config.eval.every,
       ckpt_every=config.ckpt.every,
       max_steps_per_run=config.max_steps_per_run,
-      **loop_kwargs,
+      desc=desc,
+      postfix=postfix,
     )
   finally:
     loader.close()

@@ -6,8 +6,9 @@ Design: decisions.md §7.
       --config.models.base=runs/student --config.models.distilled=runs/distill
 
 Every model of `config.models` (a stage-2/3 workdir or an export folder, see
-`load_reconstructor`) reconstructs every slice of `config.split` from its R = 32 image under each
-mask family and each decoding variant (argmax, or sampling with a seed fixed per batch). The
+`export.load_reconstructor`) reconstructs every slice of `config.split` from its R = 32 image
+under each mask family and each decoding variant (argmax, or sampling with a seed fixed per
+batch). The
 magnitudes are scored against the fully sampled level with PSNR, SSIM, NMSE and LPIPS under the
 `paper` protocol (per slice) and the `fastmri` protocol (per volume, grouped by `file_name`). The
 zero-filled R = 32 image is the baseline row.
@@ -27,18 +28,19 @@ import json
 import os
 import pathlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from nextaccel_jax import inference, losses, sharding
-from nextaccel_jax.data import fastmri, masks, pipeline, prepare
-from nextaccel_jax.evaluation import lpips_metric, report
+from nextaccel_jax import export, inference, losses, sharding
+from nextaccel_jax.data import fastmri, masks, pipeline
+from nextaccel_jax.evaluation import evaluators, lpips_metric, report
 from nextaccel_jax.evaluation import metrics as np_metrics
 from nextaccel_jax.stages import common
+from nextaccel_jax.stages import data as data_stage
 
 DECODINGS = ("argmax", "multinomial", "top_k", "top_p")
 # Rows of a model with its measured R = 32 samples enforced (config.data_consistency).
@@ -48,28 +50,6 @@ LEVEL_NAMES = ("Q32", "+Q16", "+Q8", "+Q4", "+Q2", "+QFS")
 
 # ------------------------------------------------------------------------------------------------
 # Models and settings
-
-
-def load_reconstructor(source: str, tokenizer_from: str = "") -> inference.Reconstructor:
-  """A `Reconstructor` from a stage-2/3 workdir or an export folder.
-
-  Args:
-    source: a folder holding `config.json` (a stage-2/3 workdir; its best checkpoint is used)
-      or an export folder written by `nextaccel_jax.export`.
-    tokenizer_from: stage-1 workdir overriding the tokenizer named in a workdir's config.json;
-      exports carry their tokenizer, so it is ignored for them.
-
-  Raises:
-    FileNotFoundError: If `source` does not exist.
-  """
-  path = os.path.expanduser(source)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{source}: no such stage-2/3 workdir or export folder")
-  if os.path.isfile(os.path.join(path, "config.json")):
-    return inference.Reconstructor.from_workdirs(path, tokenizer_from or None)
-  if tokenizer_from:
-    logging.info("%s is an export with its own tokenizer; tokenizer_from is ignored", source)
-  return inference.Reconstructor.from_export(path)
 
 
 def model_sources(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
@@ -176,10 +156,6 @@ def _replicate(rec: inference.Reconstructor, mesh) -> inference.Reconstructor:
 # Data
 
 
-def _text(value) -> str:
-  return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def contrast_names(source) -> tuple[str, ...]:
   """Names of the dataset's `contrast` ClassLabel (the builder's contrast groups if unknown)."""
   info = getattr(source, "dataset_info", None)
@@ -197,7 +173,7 @@ def slice_table(source, num_records: int, names: Sequence[str]) -> dict[int, dic
     try:
       contrast = int(ex["contrast"])
       out[i] = {
-        "file_name": _text(ex["file_name"]),
+        "file_name": pipeline.as_text(ex["file_name"]),
         "slice_index": int(ex["slice_index"]),
         "contrast": names[contrast] if 0 <= contrast < len(names) else str(contrast),
       }
@@ -209,71 +185,8 @@ def slice_table(source, num_records: int, names: Sequence[str]) -> dict[int, dic
   return out
 
 
-def _open_split(config: ml_collections.ConfigDict, workdir):
-  data_dir = prepare.data_dir_for(config, workdir)
-  if config.data.build:
-    prepare.build_from_config(config, data_dir)
-  name = prepare.dataset_name(config)
-  return pipeline.load_split(name, config.split, data_dir), name, data_dir
-
-
 # ------------------------------------------------------------------------------------------------
 # Scoring
-
-
-class VolumeScorer:
-  """Collects magnitudes per (row, family, volume) and scores each volume once it is complete.
-
-  Attributes:
-    scores: `{row: {family: {"record": [...], "<protocol>/<metric>": [...]}}}` (lists until
-      `result`), the input of the `report` functions.
-  """
-
-  def __init__(self, slices: Mapping[int, dict], protocols: Sequence[str], nets: Sequence[str]):
-    self.slices = slices
-    self.protocols = tuple(protocols)
-    self.nets = tuple(nets)
-    self.volume_size: dict[str, int] = {}
-    for info in slices.values():
-      self.volume_size[info["file_name"]] = self.volume_size.get(info["file_name"], 0) + 1
-    self._open: dict[tuple, list] = {}
-    self.scores: dict[str, dict] = {}
-
-  def add(self, row: str, family: str, record: int, pred_HW: np.ndarray, target_HW: np.ndarray):
-    volume = self.slices[record]["file_name"]
-    key = (row, family, volume)
-    buf = self._open.setdefault(key, [])
-    buf.append((record, pred_HW, target_HW))
-    if len(buf) == self.volume_size[volume]:
-      self._score(row, family, self._open.pop(key))
-
-  def _score(self, row: str, family: str, buf: list):
-    buf.sort(key=lambda item: self.slices[item[0]]["slice_index"])
-    records = [r for r, _, _ in buf]
-    pred_SHW = np.stack([p for _, p, _ in buf])
-    target_SHW = np.stack([t for _, _, t in buf])
-    cols = self.scores.setdefault(row, {}).setdefault(family, {"record": []})
-    cols["record"].extend(records)
-    for protocol in self.protocols:
-      try:
-        values = np_metrics.evaluate_slices(target_SHW, pred_SHW, protocol, lpips=self.nets)
-      except ValueError as e:
-        volume = self.slices[records[0]]["file_name"]
-        e.add_note(f"while scoring {row} on {volume} ({family}, records {records}, {protocol})")
-        raise
-      for metric, v in values.items():
-        # Per-volume protocols give one number; every slice of the volume carries it.
-        v = np.broadcast_to(np.asarray(v, np.float64), (len(records),))
-        cols.setdefault(f"{protocol}/{metric}", []).extend(v.tolist())
-
-  def result(self) -> dict:
-    if self._open:
-      row, family, volume = next(iter(self._open))
-      raise RuntimeError(f"volume {volume} of {row}/{family} never received all its slices")
-    return {
-      row: {f: {k: np.asarray(v) for k, v in cols.items()} for f, cols in by_family.items()}
-      for row, by_family in self.scores.items()
-    }
 
 
 def _sampling_note(s: inference.SamplingConfig) -> str:
@@ -312,7 +225,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   if chief:
     workdir.mkdir(parents=True, exist_ok=True)
 
-  source, dataset, data_dir = _open_split(config, workdir)
+  source, dataset, data_dir = data_stage.open_split(config, workdir, config.split)
   num = len(source) if not config.max_records else min(config.max_records, len(source))
   if num == 0:
     raise ValueError(f"split {config.split!r} of {dataset} in {data_dir} has no records")
@@ -323,7 +236,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   recs = {}
   for name, src in models:
     try:
-      rec = load_reconstructor(src, config.tokenizer_from)
+      rec = export.load_reconstructor(src, config.tokenizer_from)
     except Exception as e:
       e.add_note(f"while loading config.models.{name}={src}")
       raise
@@ -363,7 +276,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   want_levels = bool(config.figures.levels) and num_fig > 0
   figs = {f: {"input": {}, "target": {}, "recon": {}, "levels": {}} for f in families}
   first_model, first_decoding = models[0][0], decodings[0][0]
-  scorer = VolumeScorer(slices, protocols, nets)
+  scorer = evaluators.ImageScores(protocols, nets, slices)
   magnitude = jax.jit(losses.magnitude)
 
   logging.info(
@@ -388,8 +301,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
         mask32 = batch["mask_levels"] == 0
       zero = sharding.to_host(magnitude(x_r32))
       target = sharding.to_host(magnitude(batch["levels"][:, -1]))
+      idx = [i for i, _, _ in rows]
+      fams = [fam for _, fam, _ in rows]
+      row_records = [r for _, _, r in rows]
+      scorer.add(report.ZERO_FILLED, zero[idx], target[idx], fams, row_records)
       for i, fam, r in rows:
-        scorer.add(report.ZERO_FILLED, fam, r, zero[i], target[i])
         if r in fig_records:
           figs[fam]["input"][r] = zero[i]
           figs[fam]["target"][r] = target[i]
@@ -413,8 +329,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
           for row_model, x in variants:
             pred = sharding.to_host(magnitude(x))
             row = report.row_name(row_model, dec)
+            scorer.add(row, pred[idx], target[idx], fams, row_records)
             for i, fam, r in rows:
-              scorer.add(row, fam, r, pred[i], target[i])
               if r in fig_records and dec == first_decoding:
                 figs[fam]["recon"].setdefault(row_model, {})[r] = pred[i]
           if levels:
@@ -422,7 +338,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
               if r in fig_records:
                 figs[fam]["levels"][r] = levels_BKHW[i]
       bar.update(k + 1)
-  scores = scorer.result()
+  scores = scorer.scores()
   metrics = report.summarize(scores, slices)
   wall = time.time() - start_time
 

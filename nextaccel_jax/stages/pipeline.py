@@ -21,6 +21,10 @@ import time
 import ml_collections
 from absl import logging
 
+from nextaccel_jax import export
+from nextaccel_jax.stages import data as data_stage
+from nextaccel_jax.stages import evaluate, stage1_aqvae, stage2_transformer, stage3_distill
+
 STEPS = ("data", "aqvae", "student", "teacher", "distill", "export", "evaluate")
 _STATE_FILE = "pipeline.json"
 
@@ -31,13 +35,11 @@ def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def stage_configs(config: ml_collections.ConfigDict, workdir) -> dict:
   """Each step's config with the shared data dir and the previous stages' workdirs filled in."""
-  from nextaccel_jax.data import prepare
-
   root = pathlib.Path(workdir).absolute()
   data_dir = (
     os.path.expanduser(config.data_dir)
     if config.data_dir
-    else prepare.data_dir_for(config.data, root)
+    else data_stage.data_dir_for(config.data, root)
   )
   d = lambda name: os.fspath(root / name)
   out = {}
@@ -64,8 +66,6 @@ def stage_configs(config: ml_collections.ConfigDict, workdir) -> dict:
 
 
 def _run_export(config: ml_collections.ConfigDict, workdir) -> dict:
-  from nextaccel_jax import export
-
   # A re-run replaces a half-written export from an interrupted one.
   path = export.export_from_workdirs(
     os.fspath(workdir),
@@ -78,15 +78,12 @@ def _run_export(config: ml_collections.ConfigDict, workdir) -> dict:
 
 
 def _stage_fn(name: str):
-  from nextaccel_jax.data import prepare
-  from nextaccel_jax.stages import aqvae, distill, evaluate, transformer
-
   return {
-    "data": prepare.run,
-    "aqvae": aqvae.train_and_evaluate,
-    "student": transformer.train_and_evaluate,
-    "teacher": transformer.train_and_evaluate,
-    "distill": distill.train_and_evaluate,
+    "data": data_stage.run,
+    "aqvae": stage1_aqvae.train_and_evaluate,
+    "student": stage2_transformer.train_and_evaluate,
+    "teacher": stage2_transformer.train_and_evaluate,
+    "distill": stage3_distill.train_and_evaluate,
     "export": _run_export,
     "evaluate": evaluate.run,
   }[name]

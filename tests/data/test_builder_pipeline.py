@@ -13,12 +13,11 @@ from nextaccel_jax.data import (
   fastmri,
   masks,
   pipeline,
-  prepare,
-  summary,
   synthetic,
   transforms,
 )
 from nextaccel_jax.data import fastmri_brain_multiscale as fbm
+from nextaccel_jax.stages import data as data_stage
 
 SMOKE = next(c for c in fbm.BUILDER_CONFIGS if c.name == "smoke")
 N = SMOKE.crop
@@ -261,12 +260,12 @@ def test_data_stage_summary(built, tmp_path):
 
   config = data_config.get_config("smoke")
   config.data.data_dir = str(data_dir)
-  report = prepare.run(config, tmp_path)
+  report = data_stage.run(config, tmp_path)
   saved = json.loads((tmp_path / "data_summary.json").read_text())
   assert saved["splits"]["train"]["slices"] == report["splits"]["train"]["slices"]
   table = report["zero_filled_validation"]
   assert set(table) == set(masks.FAMILIES)
-  assert summary.is_monotone(table), summary.format_table(table)
+  assert data_stage.is_monotone(table), data_stage.format_table(table)
 
 
 def test_central_slices():

@@ -1,10 +1,10 @@
-"""Tests for nextaccel_jax.evaluation.lpips_metric and its use in metrics.evaluate_slices."""
+"""Tests for nextaccel_jax.evaluation.lpips_metric and its use in evaluators.score_slices."""
 
 import jax
 import numpy as np
 import pytest
 
-from nextaccel_jax.evaluation import lpips_metric, metrics
+from nextaccel_jax.evaluation import evaluators, lpips_metric, metrics
 from nextaccel_jax.models import lpips as lpips_model
 
 SIZE = 40
@@ -96,28 +96,30 @@ def test_rejects_bad_arguments():
     lpips_metric.lpips(gt, pred, "ssim")
 
 
-def test_evaluate_slices_default_is_unchanged():
+def test_score_slices_without_lpips_is_evaluate_slices():
   gt, pred = _volume()
   assert set(metrics.evaluate_slices(gt, pred)) == {"psnr", "ssim", "nmse"}
-  assert set(metrics.evaluate_slices(gt, pred, "fastmri", lpips=False)) == {"psnr", "ssim", "nmse"}
+  assert set(evaluators.score_slices(gt, pred, "fastmri", lpips=False)) == {"psnr", "ssim", "nmse"}
+  for name, value in evaluators.score_slices(gt, pred).items():
+    np.testing.assert_array_equal(value, metrics.evaluate_slices(gt, pred)[name])
 
 
-def test_evaluate_slices_with_lpips():
+def test_score_slices_with_lpips():
   gt, pred = _volume(slices=2, size=32)
   plain = metrics.evaluate_slices(gt, pred)
-  result = metrics.evaluate_slices(gt, pred, lpips=True)
+  result = evaluators.score_slices(gt, pred, lpips=True)
   assert set(result) == {"psnr", "ssim", "nmse", "lpips_alex"}
   for name in plain:
     np.testing.assert_array_equal(result[name], plain[name])
   np.testing.assert_array_equal(result["lpips_alex"], lpips_metric.lpips(gt, pred))
 
-  both = metrics.evaluate_slices(gt, pred, "paper", lpips=("alex", "vgg"))
+  both = evaluators.score_slices(gt, pred, "paper", lpips=("alex", "vgg"))
   assert both["lpips_vgg"].shape == (2,)
   np.testing.assert_array_equal(both["lpips_vgg"], lpips_metric.lpips(gt, pred, net="vgg"))
 
-  fast = metrics.evaluate_slices(gt, pred, "fastmri", lpips="alex")
+  fast = evaluators.score_slices(gt, pred, "fastmri", lpips="alex")
   assert isinstance(fast["lpips_alex"], float)
   assert fast["lpips_alex"] == pytest.approx(lpips_metric.lpips(gt, pred, "fastmri").mean())
 
-  with pytest.raises(ValueError, match="lpips nets must be 'alex' or 'vgg', got 'squeeze'"):
-    metrics.evaluate_slices(gt, pred, lpips=("alex", "squeeze"))
+  with pytest.raises(ValueError, match=r"lpips nets must be among .*got \['squeeze'\]"):
+    evaluators.score_slices(gt, pred, lpips=("alex", "squeeze"))

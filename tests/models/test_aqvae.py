@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nextaccel_jax.convert import checkpoints, var_vae
 from nextaccel_jax.models import aqvae, quantizer
 
 SMALL = dict(
@@ -105,7 +106,7 @@ def test_converter_matches_pytorch_reference(ref):
   torch.manual_seed(0)
   vae = _torch_vae(torch, ref)
   sd = {k: v.detach().numpy() for k, v in vae.state_dict().items()}
-  variables, report = aqvae.from_var_state_dict(sd, **SMALL)
+  variables, report = var_vae.from_var_state_dict(sd, **SMALL)
   assert report["unused_torch_keys"] == []
   assert report["ignored_torch_keys"] == ["quantize.ema_vocab_hit_SV"]
   assert report["unexpected_unfilled"] == []
@@ -156,21 +157,20 @@ def test_converter_matches_pytorch_reference(ref):
 def test_converter_rejects_wrong_codebook_shape():
   sd = {"quantize.embedding.weight": np.zeros((10, 8), np.float32)}
   with pytest.raises((ValueError, KeyError)):
-    aqvae.from_var_state_dict(sd, **SMALL)
+    var_vae.from_var_state_dict(sd, **SMALL)
 
 
 def test_convert_var_cli_writes_an_init_from_checkpoint(ref, tmp_path):
   import torch
 
   from nextaccel_jax import checkpointing
-  from nextaccel_jax.models import convert_var
 
   torch.manual_seed(1)
   vae = _torch_vae(torch, ref)
   pth = tmp_path / "vae.pth"
   torch.save(vae.state_dict(), pth)
   out = tmp_path / "converted"
-  report = convert_var.convert_file(pth, out, **SMALL)
+  report = var_vae.convert_file(pth, out, **SMALL)
   assert report["unused_torch_keys"] == [] and report["unexpected_unfilled"] == []
   tree = checkpointing.load_params(out)
   np.testing.assert_array_equal(
@@ -181,4 +181,4 @@ def test_convert_var_cli_writes_an_init_from_checkpoint(ref, tmp_path):
     tree["params"]["encoder"]["conv_in"]["kernel"], w.transpose(2, 3, 1, 0)
   )
   with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-    convert_var.load_torch_state_dict(tmp_path / "missing.pth")
+    checkpoints.load_state_dict(tmp_path / "missing.pth")

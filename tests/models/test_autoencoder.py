@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from nextaccel_jax.convert import var_vae
 from nextaccel_jax.models import autoencoder as ae
 from nextaccel_jax.models import layers
 
@@ -102,8 +103,8 @@ def test_paper_size_parameter_counts_and_paths():
   enc = jax.eval_shape(ae.Encoder(film=False).init, jax.random.key(0), x)["params"]
   z = jax.ShapeDtypeStruct((1, 16, 16, 32), jnp.float32)
   dec = jax.eval_shape(ae.Decoder().init, jax.random.key(0), z)["params"]
-  assert ae.count_params(enc) == 44_107_872
-  assert ae.count_params(dec) == 64_653_923
+  assert layers.count_params(enc) == 44_107_872
+  assert layers.count_params(dec) == 64_653_923
 
   assert enc["conv_in"]["kernel"].shape == (3, 3, 3, 160)
   assert enc["down_0"]["block_1"]["conv1"]["kernel"].shape == (3, 3, 160, 160)
@@ -133,7 +134,7 @@ def test_paper_size_parameter_counts_and_paths():
   film = jax.eval_shape(ae.Encoder().init, jax.random.key(0), x, labels, labels)["params"]
   block_widths = [160] * 4 + [320] * 4 + [640] * 4
   expected_extra = (6 + 4) * 256 + sum(257 * 2 * c for c in block_widths)
-  assert ae.count_params(film) - ae.count_params(enc) == expected_extra
+  assert layers.count_params(film) - layers.count_params(enc) == expected_extra
   assert film["down_4"]["block_1"]["film"]["kernel"].shape == (256, 1280)
   assert film["mid"]["block_2"]["film"]["kernel"].shape == (256, 1280)
   assert film["label_embed"]["acc"]["embedding"].shape == (6, 256)
@@ -292,7 +293,7 @@ def _check_parity(ref, size, seed, dtype, atol):
   tdtype = torch.float64 if dtype == jnp.float64 else torch.float32
 
   enc = ae.Encoder(**size, film=True, label_features=16, dtype=dtype, param_dtype=dtype)
-  enc_params, used_enc = ae.params_from_torch(state, "encoder.", _init_encoder(enc, IMAGE))
+  enc_params, used_enc = var_vae.params_from_torch(state, "encoder.", _init_encoder(enc, IMAGE))
   assert used_enc == {k for k in state if k.startswith("encoder.")}
   h, feats = jax.jit(enc.apply)({"params": enc_params}, jnp.asarray(x, dtype), acc, fam)
   with torch.no_grad():
@@ -303,7 +304,7 @@ def _check_parity(ref, size, seed, dtype, atol):
     np.testing.assert_allclose(_nchw(feats[name]), value.numpy(), atol=atol, rtol=atol)
 
   dec = ae.Decoder(**size, dtype=dtype, param_dtype=dtype)
-  dec_params, used_dec = ae.params_from_torch(
+  dec_params, used_dec = var_vae.params_from_torch(
     state, "decoder.", _init_decoder(dec, latent, size["z_channels"])
   )
   assert used_dec == {k for k in state if k.startswith("decoder.")}
@@ -330,7 +331,7 @@ def test_converter_reports_unmapped_and_missing(ref):
   _, _, state = _random_torch_state(ref, SMALL, seed=5)
   enc = ae.Encoder(**SMALL, film=True, label_features=16)
   target = _init_encoder(enc, IMAGE)
-  params, _ = ae.params_from_torch(state, "encoder.", target)
+  params, _ = var_vae.params_from_torch(state, "encoder.", target)
   # FiLM and the label embedding have no torch counterpart and keep their init.
   np.testing.assert_array_equal(params["down_1"]["block_0"]["film"]["kernel"], 0.0)
   np.testing.assert_array_equal(
@@ -342,13 +343,15 @@ def test_converter_reports_unmapped_and_missing(ref):
   )
 
   with pytest.raises(KeyError, match="without a flax leaf"):
-    ae.params_from_torch({**state, "encoder.down.0.extra.weight": np.zeros(3)}, "encoder.", target)
+    var_vae.params_from_torch(
+      {**state, "encoder.down.0.extra.weight": np.zeros(3)}, "encoder.", target
+    )
   partial = {k: v for k, v in state.items() if k != "encoder.mid.attn_1.qkv.bias"}
   with pytest.raises(KeyError, match="mid/attn_1/qkv/bias"):
-    ae.params_from_torch(partial, "encoder.", target)
+    var_vae.params_from_torch(partial, "encoder.", target)
   bad = {**state, "encoder.conv_in.bias": np.zeros(7, np.float32)}
   with pytest.raises(ValueError, match="conv_in.bias"):
-    ae.params_from_torch(bad, "encoder.", target)
+    var_vae.params_from_torch(bad, "encoder.", target)
 
 
 # ----------------------------------------------------------------------------- FiLM

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nextaccel_jax.convert import checkpoints
 from nextaccel_jax.models import biomedclip as bm
-from nextaccel_jax.models.autoencoder import count_params
+from nextaccel_jax.models.layers import count_params
 
 ATOL = 5e-5
 
@@ -184,18 +185,20 @@ def test_converter_copies_arrays():
   np.testing.assert_array_equal(out["blocks_0"]["norm1"]["bias"], before)
 
 
-def test_load_weights_npz_and_torch_bin(tmp_path, tiny):
+def test_weights_from_npz_and_torch_bin(tmp_path, tiny):
   _, params, _ = tiny
   sd = {**_tiny_sd("visual."), **TEXT_KEYS}
   np.savez(tmp_path / "tower.npz", **sd)
-  out, report = bm.load_weights(tmp_path / "tower.npz", **TINY)
+  out, report = bm.from_torch_state_dict(
+    checkpoints.load_state_dict(tmp_path / "tower.npz"), **TINY
+  )
   assert report["unused_torch_keys"] == sorted(TEXT_KEYS)
   jax.tree.map(np.testing.assert_array_equal, out, params)
 
   torch = pytest.importorskip("torch")
   path = tmp_path / bm.CHECKPOINT_NAME
   torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
-  out, report = bm.load_weights(path, **TINY)
+  out, report = bm.from_torch_state_dict(checkpoints.load_state_dict(path), **TINY)
   assert report["naming"] == "open_clip" and report["unfilled_leaves"] == []
   jax.tree.map(np.testing.assert_array_equal, out, params)
 

@@ -15,7 +15,7 @@ from flax import traverse_util
 from nextaccel_jax import losses
 from nextaccel_jax.models import biomedclip as bm
 from nextaccel_jax.models import discriminator as dm
-from nextaccel_jax.models.autoencoder import count_params
+from nextaccel_jax.models.layers import count_params
 
 
 def _load_maker():

@@ -9,8 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from nextaccel_jax import testing
-from nextaccel_jax.models import autoencoder, convert_var_transformer
+from nextaccel_jax import optim, testing
+from nextaccel_jax.convert import var_transformer
+from nextaccel_jax.models import autoencoder
+from nextaccel_jax.models import next_scale as NS
 from nextaccel_jax.models import transformer as T
 
 TOKENIZER = testing.TINY_TOKENIZER
@@ -185,7 +187,7 @@ def test_randomize_prefix_statistics():
   b, p_max, v = 1000, 0.6, 64
   rng = np.random.default_rng(1)
   idx = [jnp.asarray(rng.integers(0, v, (b, pn * pn)), jnp.int32) for pn in (11, 12, 13, 14, 15)]
-  randomize = jax.jit(T.randomize_prefix, static_argnums=(2, 3))
+  randomize = jax.jit(NS.randomize_prefix, static_argnums=(2, 3))
   noisy, aux = randomize(key(3), idx, p_max, v)
   assert all(n.dtype == jnp.int32 for n in noisy)
   noisy, idx = [np.asarray(n) for n in noisy], [np.asarray(i) for i in idx]
@@ -215,13 +217,13 @@ def test_roles_context_and_prefix_noise(tok, tiny, data):
   teacher = student.clone(role="teacher", prefix_noise_max=1.0)
   assert student.context_acc == 0 and teacher.context_acc == 5
   with pytest.raises(ValueError, match="rng"):
-    T.teacher_forcing_batch(teacher, tokenizer, tv, data["levels"], data["family"])
+    NS.teacher_forcing_batch(teacher, tokenizer, tv, data["levels"], data["family"])
 
   @jax.jit
   def batches(levels, family, rng):
-    s = T.teacher_forcing_batch(student, tokenizer, tv, levels, family)
-    t = T.teacher_forcing_batch(teacher, tokenizer, tv, levels, family, rng=rng)
-    s["rebuilt_BLZ"] = T.build_inputs(T.lookup_contributions(tokenizer, tv, s["input_idx"]))
+    s = NS.teacher_forcing_batch(student, tokenizer, tv, levels, family)
+    t = NS.teacher_forcing_batch(teacher, tokenizer, tv, levels, family, rng=rng)
+    s["rebuilt_BLZ"] = NS.build_inputs(NS.lookup_contributions(tokenizer, tv, s["input_idx"]))
     return s, t
 
   s, t = batches(data["levels"], data["family"], key(7))
@@ -252,10 +254,10 @@ def test_context_encoder_from_aqvae_roles_and_freezing(tok, tiny, data):
   # The default map of a depth-2 model uses the 32² and 64² levels.
   student = student.clone(context_map=None)
   teacher = student.clone(role="teacher")
-  enc = T.context_encoder_params_from_aqvae(
+  enc = NS.context_encoder_params_from_aqvae(
     {"params": _film_perturbed(tv["params"]), "vq_ema": tv["vq_ema"]}
   )
-  new = T.insert_context_encoder(params, enc)
+  new = NS.insert_context_encoder(params, enc)
   assert set(new) == {"params"}
   x, fam = data["levels"][:, 0], data["family"]
   method = T.NextAccelTransformer.encode_context
@@ -283,11 +285,11 @@ def test_context_encoder_from_aqvae_roles_and_freezing(tok, tiny, data):
       np.testing.assert_allclose(ctx[j], f.reshape(B, -1, f.shape[-1]) + pos, atol=1e-5)
     assert not np.allclose(ctx_s[j], ctx_t[j])
   with pytest.raises(ValueError, match="encoder trees differ"):
-    T.insert_context_encoder(params, {"conv_in": enc["conv_in"]})
+    NS.insert_context_encoder(params, {"conv_in": enc["conv_in"]})
 
   grads = jax.tree.map(jnp.ones_like, new["params"])
   for trainable in (True, False):
-    tx = T.mask_frozen(optax.sgd(1.0), trainable_context_encoder=trainable)
+    tx = optim.mask_frozen(optax.sgd(1.0), trainable_context_encoder=trainable)
     updates, _ = tx.update(grads, tx.init(new["params"]), new["params"])
     enc_upd = updates["context_encoder"]
     assert not np.any(enc_upd["conv_out"]["kernel"]) and not np.any(enc_upd["norm_out"]["scale"])
@@ -331,7 +333,7 @@ def test_var_d16_converter_maps_blocks_and_head(tiny):
       b + "ada_lin.1.weight": r(6 * c, c),
       b + "ada_lin.1.bias": r(6 * c),
     }
-  new, report = convert_var_transformer.from_var_state_dict(sd, params, class_rows=[7, 1, 2, 9])
+  new, report = var_transformer.from_var_state_dict(sd, params, class_rows=[7, 1, 2, 9])
   p, old = new["params"], params["params"]
   np.testing.assert_array_equal(
     p["blocks_1"]["attn"]["mat_qkv"]["kernel"], sd["blocks.1.attn.mat_qkv.weight"].T
@@ -357,7 +359,7 @@ def test_var_d16_converter_maps_blocks_and_head(tiny):
   assert len(report["ignored_buffers"]) == 2 + TINY["depth"]
   assert "pos_1LC" in report["kept"] and "blocks_0/attn/proj/kernel" in report["filled"]
   with pytest.raises(ValueError, match="does not fit"):
-    convert_var_transformer.from_var_state_dict({"head.weight": r(64, c + 1)}, params)
+    var_transformer.from_var_state_dict({"head.weight": r(64, c + 1)}, params)
 
 
 # ------------------------------------------------------------------------------------------------

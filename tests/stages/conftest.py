@@ -7,9 +7,9 @@ import jax
 import pytest
 
 from configs import aqvae as aqvae_config
-from nextaccel_jax import checkpointing, sharding
+from nextaccel_jax import checkpointing, optim, sharding
 from nextaccel_jax.data import build
-from nextaccel_jax.stages import aqvae
+from nextaccel_jax.stages import stage1_aqvae as aqvae
 
 
 @pytest.fixture(autouse=True, scope="package")
@@ -35,7 +35,7 @@ def tokenizer_dir(tmp_path_factory) -> str:
   config.loss.adversarial = 0.0
   mesh = sharding.make_mesh()
   model = aqvae.make_model(config)
-  tx, _ = aqvae.make_optimizer(config, 4)
+  tx, _ = optim.optimizer_from_config(config.optim, 4)
   state, _ = aqvae.create_train_state(config, model, tx, mesh, jax.random.key(3))
   d = tmp_path_factory.mktemp("aqvae")
   with checkpointing.Checkpointer(d) as ckpt:

@@ -9,8 +9,10 @@ import pytest
 
 from configs import aqvae as aqvae_config
 from nextaccel_jax import checkpointing, sharding
+from nextaccel_jax.convert import checkpoints
 from nextaccel_jax.data import pipeline
-from nextaccel_jax.stages import aqvae, common
+from nextaccel_jax.stages import common
+from nextaccel_jax.stages import stage1_aqvae as aqvae
 
 
 def _config(data_dir, **overrides):
@@ -25,17 +27,11 @@ def _train_losses(workdir, key="loss"):
   return {r["step"]: r[key] for r in lines if r.get("split") == "train"}
 
 
-def _state(config, seed=0):
+def _step(config):
+  """The stage's own step (`build_step`) with its frozen networks."""
   mesh = sharding.make_mesh()
-  model = aqvae.make_model(config)
-  tx, _ = aqvae.make_optimizer(config, 4)
-  disc = aqvae.make_discriminator(config)
-  disc_tx = aqvae.make_disc_optimizer(config) if disc is not None else None
-  frozen = aqvae.load_frozen(config, disc, mesh)
-  state, state_sharding = aqvae.create_train_state(
-    config, model, tx, mesh, jax.random.key(seed), disc, disc_tx, frozen
-  )
-  return mesh, model, tx, disc, disc_tx, frozen, state, state_sharding
+  frozen = aqvae.load_frozen(config, aqvae.make_discriminator(config), mesh)
+  return frozen, aqvae.build_step(config, mesh, frozen, 4)
 
 
 def test_smoke_run_trains_evaluates_and_checkpoints(smoke_pipeline):
@@ -110,12 +106,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
 
 
 def test_init_from_converted_variables(smoke_data_dir, tmp_path):
-  config = _config(smoke_data_dir)
-  state = _state(config, seed=7)[-2]
+  config = _config(smoke_data_dir, seed=7)
+  state = _step(config)[1].state
   variables = {"params": jax.device_get(state.params), "vq_ema": jax.device_get(state.vq_ema)}
-  from nextaccel_jax.models import convert_var
-
-  src = convert_var.save_variables(variables, tmp_path / "init", {"source": "test"})
+  src = checkpoints.save_variables(variables, tmp_path / "init", {"source": "test"})
   run = tmp_path / "run"
   aqvae.train_and_evaluate(_config(smoke_data_dir, init_from=str(src), num_train_steps=1), run)
   ckpt = checkpointing.Checkpointer(run)
@@ -140,8 +134,8 @@ def test_unknown_loss_term_is_named():
 def test_one_step_updates_generator_and_discriminator_heads(smoke_data_dir):
   config = _config(smoke_data_dir)
   config.disc.start_step = 1
-  mesh, model, tx, disc, disc_tx, frozen, state, state_sharding = _state(config)
-  train_fn, _ = aqvae.jit_steps(config, model, tx, mesh, state_sharding, disc, disc_tx)
+  frozen, step = _step(config)
+  mesh, state, train_fn = sharding.make_mesh(), step.state, step.train
   src = pipeline.load_split("fastmri_brain_multiscale/smoke", "train", smoke_data_dir)
   loader = pipeline.TrainLoader(src, global_batch_size=8, mesh=mesh, seed=0)
   batch = next(loader)
@@ -169,12 +163,13 @@ def test_one_step_updates_generator_and_discriminator_heads(smoke_data_dir):
 def test_adversarial_off_builds_no_discriminator(smoke_data_dir):
   config = _config(smoke_data_dir)
   config.loss.adversarial = 0.0
-  _, _, _, disc, _, frozen, state, _ = _state(config)
-  assert disc is None and state.disc_params == {} and frozen["tower"] == {}
+  frozen, step = _step(config)
+  assert step.models["discriminator"] is None
+  assert step.state.disc_params == {} and frozen["tower"] == {}
 
 
 def test_missing_tower_weights_file_is_named(smoke_data_dir, tmp_path):
   config = _config(smoke_data_dir)
   config.disc.weights = str(tmp_path / "missing.npz")
   with pytest.raises(FileNotFoundError, match="missing.npz"):
-    _state(config)
+    _step(config)

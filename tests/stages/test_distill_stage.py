@@ -12,7 +12,9 @@ from configs import distill as distill_config
 from nextaccel_jax import inference, losses, sharding
 from nextaccel_jax.models import aqvae as aqvae_lib
 from nextaccel_jax.models import transformer as transformer_lib
-from nextaccel_jax.stages import common, distill, transformer
+from nextaccel_jax.stages import common
+from nextaccel_jax.stages import stage2_transformer as transformer
+from nextaccel_jax.stages import stage3_distill as distill
 
 # --------------------------------------------------------------------------------------------------
 # The objective

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from configs import eval as eval_config
-from nextaccel_jax import inference, testing
+from nextaccel_jax import export, inference, testing
 from nextaccel_jax.evaluation import report
 from nextaccel_jax.models import aqvae
 from nextaccel_jax.models import transformer as T
@@ -49,7 +49,7 @@ def patched(monkeypatch, models):
     calls.append((source, tokenizer_from))
     return models[source]
 
-  monkeypatch.setattr(evaluate, "load_reconstructor", load)
+  monkeypatch.setattr(export, "load_reconstructor", load)
   return calls
 
 
@@ -146,34 +146,6 @@ def test_bad_settings_are_named(smoke_data_dir, patched, tmp_path):
     evaluate.run(_config(smoke_data_dir, families=("spiral",)), tmp_path)
   with pytest.raises(ValueError, match="config.models.base=runs/teacher is a teacher"):
     evaluate.run(_config(smoke_data_dir, **{"models.base": "runs/teacher"}), tmp_path)
-
-
-def test_load_reconstructor_dispatches_on_config_json(monkeypatch, tmp_path):
-  monkeypatch.setattr(
-    inference.Reconstructor,
-    "from_workdirs",
-    classmethod(lambda cls, path, tok=None, **kw: ("workdir", path, tok)),
-    raising=False,
-  )
-  monkeypatch.setattr(
-    inference.Reconstructor,
-    "from_export",
-    classmethod(lambda cls, path, **kw: ("export", path)),
-    raising=False,
-  )
-  workdir, export = tmp_path / "student", tmp_path / "export"
-  workdir.mkdir()
-  export.mkdir()
-  (workdir / "config.json").write_text("{}")
-  assert evaluate.load_reconstructor(str(workdir)) == ("workdir", str(workdir), None)
-  assert evaluate.load_reconstructor(str(workdir), "runs/aqvae") == (
-    "workdir",
-    str(workdir),
-    "runs/aqvae",
-  )
-  assert evaluate.load_reconstructor(str(export)) == ("export", str(export))
-  with pytest.raises(FileNotFoundError, match="nowhere: no such stage-2/3 workdir"):
-    evaluate.load_reconstructor(str(tmp_path / "nowhere"))
 
 
 def test_config_presets():

@@ -13,7 +13,9 @@ from configs import distill as distill_config
 from configs import transformer as transformer_config
 from nextaccel_jax import sharding, testing
 from nextaccel_jax.data import pipeline
-from nextaccel_jax.stages import aqvae, distill, transformer
+from nextaccel_jax.stages import stage1_aqvae as aqvae
+from nextaccel_jax.stages import stage2_transformer as transformer
+from nextaccel_jax.stages import stage3_distill as distill
 
 LAYOUTS = {
   "one": ((("data", 1), ("fsdp", 1)), 1),
@@ -63,6 +65,8 @@ def _run(stage, layout, source, monkeypatch, dtype="float32", remat="none"):
   monkeypatch.setattr(MODULES[stage], "train_step", chex.assert_max_traces(ORIGINAL[stage], n=1))
   step = testing.stage_step(stage, _config(stage, dtype, remat), mesh, total_steps=4)
   state, state_sharding = step.state, step.state_sharding
+  # Read before the first step donates the state.
+  start = sharding.to_host(state.params)
   loader = pipeline.TrainLoader(source, global_batch_size=8, mesh=mesh, seed=0)
   losses = []
   try:
@@ -72,7 +76,7 @@ def _run(stage, layout, source, monkeypatch, dtype="float32", remat="none"):
   finally:
     loader.close()
   assert sharding.shardings_of(state) == state_sharding
-  return losses, sharding.to_host(state.params), state_sharding
+  return losses, sharding.to_host(state.params), state_sharding, start
 
 
 ORIGINAL = {name: module.train_step for name, module in MODULES.items()}
@@ -106,20 +110,45 @@ def _reference(stage, source, monkeypatch):
   return _REFERENCE[stage]
 
 
+def _updates(params, start) -> np.ndarray:
+  """Every determined parameter's change over the run, flattened into one vector."""
+  return np.concatenate(
+    [
+      (_determined(sharding.leaf_path(path), p) - _determined(sharding.leaf_path(path), s)).ravel()
+      for (path, p), s in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(start), strict=True
+      )
+    ]
+  )
+
+
 @pytest.mark.parametrize("stage", sorted(MODULES))
 def test_data_parallel_and_fsdp_steps_match_one_device(stage, train_source, monkeypatch):
-  ref_losses, ref_params, _ = _reference(stage, train_source, monkeypatch)
+  ref_losses, ref_params, _, ref_start = _reference(stage, train_source, monkeypatch)
   assert np.isfinite(ref_losses).all()
   for layout in LAYOUTS_OF[stage]:
-    losses, params, state_sharding = _run(stage, layout, train_source, monkeypatch)
+    losses, params, state_sharding, start = _run(stage, layout, train_source, monkeypatch)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, atol=1e-7, err_msg=layout)
-    for (path, got), want in zip(
-      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params), strict=True
-    ):
-      name = sharding.leaf_path(path)
-      np.testing.assert_allclose(
-        _determined(name, got), _determined(name, want), rtol=2e-4, atol=5e-6, err_msg=name
-      )
+    if stage == "aqvae":
+      # The quantizer's nearest-code choice is discontinuous: a near-tie that another reduction
+      # order rounds the other way moves a token and perturbs the gradients slightly. Adam's
+      # first step is about ±lr per element, so wherever a gradient entry is near zero its sign,
+      # and a full-size step, follows that perturbation (measured on a 2-core CPU: 0.06 % of the
+      # elements off by more than half a typical step, 4 % of the update's norm). The update
+      # as a whole has to be the same one.
+      ref_update = _updates(ref_params, ref_start)
+      delta = np.abs(_updates(params, start) - ref_update)
+      typical = np.median(np.abs(ref_update))
+      assert (delta > 0.5 * typical).mean() < 1e-2, layout
+      assert np.linalg.norm(delta) < 0.1 * np.linalg.norm(ref_update), layout
+    else:
+      for (path, got), want in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params), strict=True
+      ):
+        name = sharding.leaf_path(path)
+        np.testing.assert_allclose(
+          _determined(name, got), _determined(name, want), rtol=2e-4, atol=5e-6, err_msg=name
+        )
     specs = sharding.describe(state_sharding)
     if layout == "fsdp":
       # The comparison means something only if parameters really were split.
@@ -130,8 +159,10 @@ def test_data_parallel_and_fsdp_steps_match_one_device(stage, train_source, monk
 
 @pytest.mark.parametrize("stage", sorted(MODULES))
 def test_bfloat16_with_remat_stays_close_to_float32(stage, train_source, monkeypatch):
-  ref_losses, _, _ = _reference(stage, train_source, monkeypatch)
-  losses, params, _ = _run(stage, "one", train_source, monkeypatch, dtype="bfloat16", remat="dots")
+  ref_losses = _reference(stage, train_source, monkeypatch)[0]
+  losses, params, _, _ = _run(
+    stage, "one", train_source, monkeypatch, dtype="bfloat16", remat="dots"
+  )
   np.testing.assert_allclose(losses, ref_losses, rtol=0.05)
   # Parameters stay float32: bf16 is the compute dtype only.
   assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}

@@ -9,7 +9,8 @@ import pytest
 from configs import transformer as transformer_config
 from nextaccel_jax import checkpointing, sharding
 from nextaccel_jax.data import pipeline
-from nextaccel_jax.stages import common, transformer
+from nextaccel_jax.stages import common
+from nextaccel_jax.stages import stage2_transformer as transformer
 
 
 def _config(role, data_dir, tokenizer_dir, **overrides):
@@ -59,26 +60,21 @@ def test_teacher_resume_is_exact(smoke_pipeline, stage_config, tmp_path):
 def test_frozen_context_encoder_does_not_move(smoke_data_dir, tokenizer_dir):
   config = _config("student", smoke_data_dir, tokenizer_dir, trainable_context_encoder=False)
   mesh = sharding.make_mesh()
-  tokenizer = transformer.make_tokenizer(config)
-  model = transformer.make_model(config)
-  tok_vars = transformer.load_tokenizer(config, tokenizer, mesh)
-  tx, _ = transformer.make_optimizer(config, 3)
-  state, state_sharding = transformer.create_train_state(
-    config, model, tx, mesh, jax.random.key(0), tok_vars
-  )
+  tok_vars = transformer.load_tokenizer(config, transformer.make_tokenizer(config), mesh)
+  step = transformer.build_step(config, mesh, tok_vars, 3)
+  state = step.state
   # The context encoder starts as the stage-1 encoder.
   jax.tree.map(
     np.testing.assert_array_equal,
     jax.device_get(state.params["context_encoder"]),
     jax.device_get(tok_vars["params"]["encoder"]),
   )
-  train_fn, _, _ = transformer.jit_steps(config, model, tokenizer, tx, mesh, state_sharding)
   src = pipeline.load_split("fastmri_brain_multiscale/smoke", "train", smoke_data_dir)
   loader = pipeline.TrainLoader(src, global_batch_size=8, mesh=mesh, seed=0)
   before = jax.device_get(state.params)
   # Two steps: the warm-up gives the first one a zero learning rate.
   for _ in range(2):
-    state, _ = train_fn(state, next(loader), tok_vars)
+    state, _ = step(state, next(loader))
   loader.close()
   after = jax.device_get(state.params)
   jax.tree.map(np.testing.assert_array_equal, before["context_encoder"], after["context_encoder"])

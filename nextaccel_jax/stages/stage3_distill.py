@@ -13,7 +13,7 @@ loss is the mean over the five predicted scales of the token-mean reverse KL
 the ablation. Because the student is scored on its own samples, it learns to recover from the
 prefixes it actually produces at test time, which teacher forcing on clean prefixes never shows it.
 
-The state and checkpoints have the stage-2 layout (`stages.transformer.TrainState`), so an
+The state and checkpoints have the stage-2 layout (`stage2_transformer.TrainState`), so an
 exported or evaluated distilled student loads exactly like a stage-2 student. Validation reports
 the KL and the teacher agreement on argmax rollouts, the stage-2 teacher-forced metrics and the
 reconstruction metrics per mask family; the best checkpoint has the lowest validation KL.
@@ -22,25 +22,24 @@ reconstruction metrics per mask family; the best checkpoint has the lowest valid
 from __future__ import annotations
 
 import functools
-import json
 import os
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from absl import logging
 
 from nextaccel_jax import checkpointing, inference, losses, sharding
-from nextaccel_jax.data import pipeline, prepare
-from nextaccel_jax.models import aqvae
+from nextaccel_jax.data import pipeline
+from nextaccel_jax.evaluation import evaluators
+from nextaccel_jax.models import layers, next_scale
 from nextaccel_jax.models import transformer as transformer_lib
 from nextaccel_jax.stages import common
-from nextaccel_jax.stages import transformer as transformer_stage
+from nextaccel_jax.stages import data as data_stage
+from nextaccel_jax.stages import stage2_transformer as stage2
 
-TrainState = transformer_stage.TrainState
+TrainState = stage2.TrainState
 
 
 # ------------------------------------------------------------------------------------------------
@@ -49,8 +48,8 @@ TrainState = transformer_stage.TrainState
 
 def make_models(config: ml_collections.ConfigDict):
   """`(student, teacher)`; the teacher reads clean rollouts, so its prefix noise is off."""
-  student = transformer_stage.model_from_fields(config.model, config.tokenizer)
-  teacher = transformer_stage.model_from_fields(config.teacher, config.tokenizer)
+  student = transformer_lib.from_fields(config.model, config.tokenizer, "config.model")
+  teacher = transformer_lib.from_fields(config.teacher, config.tokenizer, "config.teacher")
   teacher = teacher.clone(prefix_noise_max=0.0)
   if student.role != "student" or teacher.role != "teacher":
     raise ValueError(
@@ -67,36 +66,20 @@ def make_models(config: ml_collections.ConfigDict):
   return student, teacher
 
 
-def _read_json(path: pathlib.Path) -> dict:
-  try:
-    return json.loads(path.read_text())
-  except FileNotFoundError:
-    return {}
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from e
-
-
-def _workdir(value: str, field: str, hint: str) -> str:
-  if not value:
-    raise ValueError(f"config.{field} is empty: {hint}")
-  path = os.path.expanduser(value)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"config.{field}={value}: no such directory ({hint})")
-  return path
-
-
 def tokenizer_source(config: ml_collections.ConfigDict) -> str:
   """`config.tokenizer_from`, else the stage-1 workdir the stage-2 student was trained with."""
   if config.tokenizer_from:
     return config.tokenizer_from
-  student_dir = _workdir(config.init_from, "init_from", "the stage-2 student workdir")
-  recorded = _read_json(pathlib.Path(student_dir) / "config.json").get("tokenizer_from", "")
-  if not recorded:
-    raise ValueError(
-      f"config.tokenizer_from is empty and {student_dir}/config.json names no tokenizer_from; "
-      "set --config.tokenizer_from to the stage-1 workdir"
-    )
-  return recorded
+  student_dir = checkpointing.existing_dir(
+    config.init_from, "config.init_from", "the stage-2 student workdir"
+  )
+  return checkpointing.resolve_tokenizer_from(
+    None,
+    checkpointing.read_run_config(student_dir, required=False),
+    where=f"config.tokenizer_from is empty and {student_dir}/config.json",
+    flag="config.tokenizer_from",
+    how="--config.tokenizer_from",
+  )
 
 
 def _with(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
@@ -107,26 +90,25 @@ def _with(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigD
   return out
 
 
-def load_transformer_params(
-  path: str, field: str, model, image_size: int, mesh, config=None
-) -> dict:
+def load_transformer_params(path: str, field: str, model, image_size: int, mesh, config=None):
   """Params of a stage-2/3 workdir (best checkpoint, else latest), laid out on the mesh by the
   `config.sharding` rules for frozen trees (defaults when None)."""
   abstract = jax.eval_shape(
     lambda: transformer_lib.init_params(model, jax.random.key(0), image_size)["params"]
   )
-  abstract = sharding.with_shardings(
-    abstract, sharding.state_shardings(abstract, mesh, config, prefix="frozen/")
-  )
   try:
-    return checkpointing.load_best_or_latest(path, {"params": abstract})["params"]
+    tree = common.load_frozen_params(
+      path,
+      {"params": abstract},
+      mesh,
+      config,
+      field=f"config.{field}",
+      what="its checkpoint does not match the configured model (config.model / config.teacher "
+      "must equal the stage-2 run's config.model)",
+    )
   except FileNotFoundError as e:
     raise FileNotFoundError(f"config.{field}={path}: no stage-2 checkpoint there ({e})") from e
-  except (ValueError, KeyError) as e:
-    raise ValueError(
-      f"config.{field}={path}: its checkpoint does not match the configured model (config.model / "
-      f"config.teacher must equal the stage-2 run's config.model): {e}"
-    ) from e
+  return tree["params"]
 
 
 def create_train_state(config, model, tx, mesh, student_params):
@@ -152,15 +134,6 @@ def rollout_sampling(config: ml_collections.ConfigDict) -> inference.SamplingCon
 # Steps
 
 
-def r32_tokens(tokenizer, tokenizer_variables, x_r32_BHW2, family_B) -> jax.Array:
-  """Q32, the given first scale: the tokenizer's tokens of the R = 32 image (label k = 0)."""
-  f_B1hwZ, _ = tokenizer.apply(
-    tokenizer_variables, x_r32_BHW2[:, None], family_B, method=aqvae.AQVAE.encode_levels
-  )
-  idx = tokenizer.apply(tokenizer_variables, f_B1hwZ[:, 0], 0, method=aqvae.AQVAE.tokenize_scale)
-  return jax.lax.stop_gradient(idx)
-
-
 def on_policy_batch(
   model, teacher, tokenizer, tok_vars, student_params, teacher_params, batch, *, sampling, rng=None
 ):
@@ -173,11 +146,11 @@ def on_policy_batch(
   """
   levels, family = batch["levels"], batch["family"].astype(jnp.int32)
   x_r32, x_fs = levels[:, 0], levels[:, -1]
-  idx0 = r32_tokens(tokenizer, tok_vars, x_r32, family)
+  idx0 = next_scale.r32_tokens(tokenizer, tok_vars, x_r32, family)
   idx_list, h_list, _ = inference.rollout(
     model, student_params, tokenizer, tok_vars, idx0, x_r32, family, sampling=sampling, rng=rng
   )
-  inputs_BLZ = transformer_lib.build_inputs(h_list[:-1], model.patch_nums, model.input_mode)
+  inputs_BLZ = next_scale.build_inputs(h_list[:-1], model.patch_nums, model.input_mode)
   teacher_logits, _ = teacher.apply(
     {"params": teacher_params}, inputs_BLZ, x_fs, family, train=False
   )
@@ -283,27 +256,30 @@ def eval_step(state, batch, tok_vars, teacher_params, *, model, teacher, tokeniz
   return {"kl_BL": aux["kl_BL"], "agree_BL": agree_BL}
 
 
-def jit_steps(
-  config,
-  model,
-  teacher,
-  tokenizer,
-  tx,
+def build_step(
+  config: ml_collections.ConfigDict,
   mesh,
-  state_sharding,
-  tok_sharding=None,
-  teacher_sharding=None,
-):
-  """`(train, eval_kl)`: `(state, batch, tok_vars, teacher_params) -> ...`.
+  frozen: tuple,
+  total_steps: int,
+  student_params,
+) -> common.StageStep:
+  """The distillation step on `mesh`: `train(state, batch, tok_vars, teacher_params)` (the state
+  donated); `evals` has `kl` (this stage's validation) and stage 2's `eval` and `recon`.
 
-  `tok_sharding` and `teacher_sharding` are the layouts the frozen tokenizer and teacher were
-  loaded with (None: replicated).
+  Args:
+    config: The stage config.
+    mesh: The device mesh.
+    frozen: `(tok_vars, teacher_params)`, already placed.
+    total_steps: Length of the learning-rate schedule.
+    student_params: Where the student starts (the stage-2 student's params).
   """
+  tok_vars, teacher_params = frozen
+  tokenizer = stage2.make_tokenizer(config)
+  model, teacher = make_models(config)
+  tx, schedule = stage2.make_optimizer(config, total_steps)
+  state, state_sharding = create_train_state(config, model, tx, mesh, student_params)
   data = sharding.data_sharding(mesh)
-  repl = sharding.replicated(mesh)
-  tok_sharding = repl if tok_sharding is None else tok_sharding
-  teacher_sharding = repl if teacher_sharding is None else teacher_sharding
-  frozen = (tok_sharding, teacher_sharding)
+  frozen_sharding = tuple(sharding.shardings_of(f) for f in frozen)
   direction = config.distill.direction
   train = jax.jit(
     functools.partial(
@@ -316,18 +292,23 @@ def jit_steps(
       direction=direction,
       seed=config.seed,
     ),
-    in_shardings=(state_sharding, data, *frozen),
-    out_shardings=(state_sharding, repl),
+    in_shardings=(state_sharding, data, *frozen_sharding),
+    out_shardings=(state_sharding, sharding.replicated(mesh)),
     donate_argnums=0,
   )
   eval_kl = jax.jit(
     functools.partial(
       eval_step, model=model, teacher=teacher, tokenizer=tokenizer, direction=direction
     ),
-    in_shardings=(state_sharding, data, *frozen),
+    in_shardings=(state_sharding, data, *frozen_sharding),
     out_shardings=data,
   )
-  return train, eval_kl
+  evals = {
+    "kl": eval_kl,
+    **stage2.jit_eval_steps(config, model, tokenizer, mesh, state_sharding, frozen_sharding[0]),
+  }
+  models = {"model": model, "teacher": teacher, "tokenizer": tokenizer}
+  return common.StageStep(state, state_sharding, train, tuple(frozen), schedule, tx, models, evals)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,22 +325,13 @@ def evaluate_kl(
   patch_nums=transformer_lib.PATCH_NUMS,
 ) -> dict:
   """Validation KL (mean over scales, as the loss) and rollout–teacher agreement per scale."""
-  layout = transformer_lib.sequence_layout(patch_nums)
-  kl = [[] for _ in layout]
-  agree = [[] for _ in layout]
+  scales = evaluators.ScaleMeans(transformer_lib.sequence_layout(patch_nums))
   for batch in loader:
     valid = sharding.to_host(batch["valid"])
     out = sharding.to_host(eval_kl(state, batch, tok_vars, teacher_params))
-    for j, (b, e) in enumerate(layout):
-      kl[j].extend(out["kl_BL"][valid, b:e].mean(axis=1))
-      agree[j].extend(out["agree_BL"][valid, b:e].mean(axis=1))
-  kl_k = np.array([np.mean(v) for v in kl])
-  agree_k = np.array([np.mean(v) for v in agree])
-  sizes = np.array([e - b for b, e in layout], np.float64)
-  out = {"kl": float(kl_k.mean()), "agree": float((agree_k * sizes).sum() / sizes.sum())}
-  for k in range(len(layout)):
-    out[f"kl/scale_{k + 1}"] = float(kl_k[k])
-    out[f"agree/scale_{k + 1}"] = float(agree_k[k])
+    scales.add("kl", out["kl_BL"], valid)
+    scales.add("agree", out["agree_BL"], valid)
+  out = {**scales.result("kl", weighted=False), **scales.result("agree")}
   out["neg_kl"] = -out["kl"]
   return out
 
@@ -372,35 +344,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Distils the stage-2 student with the stage-2 teacher; returns the final validation metrics."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  student_dir = _workdir(
-    config.init_from, "init_from", "point it at the stage-2 student workdir (configs/student.py)"
+  student_dir = checkpointing.existing_dir(
+    config.init_from,
+    "config.init_from",
+    "point it at the stage-2 student workdir (configs/student.py)",
   )
-  teacher_dir = _workdir(
+  teacher_dir = checkpointing.existing_dir(
     config.teacher_from,
-    "teacher_from",
+    "config.teacher_from",
     "point it at the stage-2 teacher workdir (configs/teacher.py)",
   )
   mesh = sharding.mesh_from_config(config)
   tok_config = _with(config, tokenizer_from=tokenizer_source(config))
-  tokenizer = transformer_stage.make_tokenizer(tok_config)
-  tok_vars = transformer_stage.load_tokenizer(tok_config, tokenizer, mesh)
+  tok_vars = stage2.load_tokenizer(tok_config, stage2.make_tokenizer(tok_config), mesh)
   model, teacher = make_models(config)
   size = config.data.image_size
   teacher_params = load_transformer_params(teacher_dir, "teacher_from", teacher, size, mesh, config)
-  train_src, val_src = prepare.training_splits(config, workdir)
-
-  steps_per_epoch = max(1, len(train_src) // config.data.batch_size)
-  total_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
-  tx, schedule = transformer_stage.make_optimizer(config, total_steps)
-  ckpt = checkpointing.Checkpointer(
-    workdir,
-    max_to_keep=config.ckpt.max_to_keep,
-    keep_best=True,
-    best_metric="neg_kl",
-    best_mode="max",
-  )
-  start = ckpt.latest_step()
-  if start is None:
+  splits = data_stage.training_splits(config, workdir)
+  _, total_steps = common.schedule_length(config, len(splits[0]))
+  ckpt = common.checkpointer(config, workdir, "neg_kl")
+  if ckpt.latest_step() is None:
     try:
       params = load_transformer_params(student_dir, "init_from", model, size, mesh, config)
     except (FileNotFoundError, ValueError):
@@ -412,64 +375,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       lambda: transformer_lib.init_params(model, jax.random.key(0), size)["params"]
     )
     params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params)
-  state, state_sharding = create_train_state(config, model, tx, mesh, params)
-  if start is not None:
-    state, _ = ckpt.restore(checkpointing.abstract_like(state), start)
-    logging.info("resumed from %s at step %d", workdir, start)
-  tok_sharding = sharding.shardings_of(tok_vars)
-  train_fn, eval_kl = jit_steps(
-    config,
-    model,
-    teacher,
-    tokenizer,
-    tx,
-    mesh,
-    state_sharding,
-    tok_sharding,
-    sharding.shardings_of(teacher_params),
-  )
-  _, tf_eval_fn, recon_fn = transformer_stage.jit_steps(
-    config, model, tokenizer, tx, mesh, state_sharding, tok_sharding
-  )
-  batch_spec = pipeline.train_batch_spec(config.data.batch_size, size, mesh)
-  train_fn = common.compile_train_step(
-    train_fn,
-    (state, batch_spec, tok_vars, teacher_params),
-    name="distill",
-    memory=config.get("memory"),
-  )
-  meta = {
-    "stage": "distill",
-    "role": "student",
-    "model": dict(config.model),
-    "tokenizer": dict(config.tokenizer),
-    "tokenizer_from": os.path.abspath(tok_config.tokenizer_from),
-    "init_from": os.path.abspath(student_dir),
-    "teacher_from": os.path.abspath(teacher_dir),
-    "image_size": size,
-  }
+  step = build_step(config, mesh, (tok_vars, teacher_params), total_steps, params)
+  state, _ = common.resume(ckpt, step.state, workdir)
+  step.compile(config, mesh, "distill")
 
-  writer = common.MetricWriter(workdir)
-  writer.write_config(tok_config)
-  logging.info(
-    "distill: %d student params, %d steps (%d per epoch), batch %d on %d devices, %s KL",
-    common.count_params(state.params),
-    total_steps,
-    steps_per_epoch,
-    config.data.batch_size,
-    jax.device_count(),
-    config.distill.direction,
-  )
-  loader, val_loader = prepare.loaders(config, train_src, val_src, mesh, int(state.step))
-
-  def evaluate(s):
-    out = evaluate_kl(eval_kl, s, tok_vars, teacher_params, val_loader, patch_nums=model.patch_nums)
-    tf = transformer_stage.evaluate(
-      tf_eval_fn,
-      recon_fn,
+  def evaluate(s, loader):
+    out = evaluate_kl(
+      step.evals["kl"], s, tok_vars, teacher_params, loader, patch_nums=model.patch_nums
+    )
+    tf = stage2.evaluate(
+      step.evals["eval"],
+      step.evals["recon"],
       s,
       tok_vars,
-      val_loader,
+      loader,
       patch_nums=model.patch_nums,
       recon_batches=config.eval.recon_batches,
       protocol=config.eval.protocol,
@@ -479,33 +398,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out.update({k: v for k, v in tf.items() if k.startswith(("recon/", "zero_filled/"))})
     return out
 
-  return common.run_stage_loop(
+  return common.run_stage(
     config,
     workdir,
-    loader=loader,
-    ckpt=ckpt,
-    writer=writer,
+    step=step,
     state=state,
-    train_fn=lambda s, b: train_fn(s, b, tok_vars, teacher_params),
-    evaluate_fn=evaluate,
-    total_steps=total_steps,
-    schedule=schedule,
-    meta=meta,
+    ckpt=ckpt,
+    splits=splits,
+    mesh=mesh,
+    evaluate=evaluate,
+    meta={
+      "stage": "distill",
+      "role": "student",
+      "model": dict(config.model),
+      "tokenizer": dict(config.tokenizer),
+      "tokenizer_from": os.path.abspath(tok_config.tokenizer_from),
+      "init_from": os.path.abspath(student_dir),
+      "teacher_from": os.path.abspath(teacher_dir),
+      "image_size": size,
+    },
     best_metric="neg_kl",
     desc="distill",
     postfix=("loss", "agree"),
+    summary=f"distill ({config.distill.direction} KL): {layers.count_params(state.params)} "
+    "student params",
+    written_config=tok_config,
   )
 
 
 __all__ = [
   "TrainState",
+  "build_step",
   "create_train_state",
   "eval_step",
   "evaluate_kl",
-  "jit_steps",
   "make_models",
   "on_policy_batch",
-  "r32_tokens",
   "train_and_evaluate",
   "train_step",
 ]

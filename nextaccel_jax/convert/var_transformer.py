@@ -1,7 +1,7 @@
 """Initialises the next-acceleration-scale transformer from VAR's `var_d16.pth` (var_spec.md §3.2,
 §6.6).
 
-  python -m nextaccel_jax.models.convert_var_transformer --var=var_d16.pth \\
+  python -m nextaccel_jax.convert.var_transformer --var=var_d16.pth \\
       --target=runs/transformer_init --out=runs/var_d16_transformer
 
 VAR's self-attention blocks, FFNs, adaLN layers, `word_embed` and output head have the same
@@ -25,6 +25,9 @@ from typing import Any
 
 import numpy as np
 from flax import traverse_util
+
+from nextaccel_jax import checkpointing
+from nextaccel_jax.convert import checkpoints
 
 # VAR tables sized by VAR's own sequence (680 tokens, 10 scales): re-initialised (spec §6.6).
 REINIT_TORCH_KEYS = ("pos_start", "pos_1LC", "lvl_embed.weight")
@@ -127,9 +130,6 @@ def from_var_state_dict(
 
 
 def main(argv=None) -> int:
-  from nextaccel_jax import checkpointing
-  from nextaccel_jax.models.convert_var import load_torch_state_dict, save_variables
-
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
@@ -142,9 +142,9 @@ def main(argv=None) -> int:
   target = target["params"] if "params" in target else target
   rows = [int(r) for r in args.class_rows.split(",") if r] or None
   params, report = from_var_state_dict(
-    load_torch_state_dict(args.var), {"params": target}, class_rows=rows
+    checkpoints.load_state_dict(args.var), {"params": target}, class_rows=rows
   )
-  save_variables(params, args.out, {"source": str(args.var), "report": report})
+  checkpoints.save_variables(params, args.out, {"source": str(args.var), "report": report})
   print(json.dumps({k: v for k, v in report.items() if k not in ("filled", "kept")}, indent=2))
   print(f"{len(report['filled'])} leaves from VAR, {len(report['kept'])} kept; wrote {args.out}")
   return 0

@@ -11,8 +11,10 @@ Teacher-forced cross-entropy over the 990 positions of scales Q16…QFS. The fro
 tokenizer turns the six levels of each slice into targets and inputs inside the jitted step; its
 variables are a replicated argument, not part of the state, so checkpoints hold only the
 transformer. The model's `role` picks the context image (R = 32 for the student, the fully sampled
-image for the teacher) and the teacher's randomised prefix. Validation reports per-scale CE and
-token accuracy, and decodes a few batches autoregressively (argmax, KV cache) for PSNR/SSIM/LPIPS.
+image for the teacher) and the teacher's randomised prefix (`models.next_scale`). `build_step` jits
+the step once; `train_and_evaluate` and `testing.stage_step` share it. Validation reports
+per-scale CE and token accuracy, and decodes a few batches autoregressively (argmax, KV cache) for
+PSNR/SSIM/LPIPS.
 """
 
 from __future__ import annotations
@@ -25,17 +27,16 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 
-from nextaccel_jax import checkpointing, inference, losses, sharding
-from nextaccel_jax.data import masks, pipeline, prepare
-from nextaccel_jax.evaluation import lpips_metric
-from nextaccel_jax.evaluation import metrics as np_metrics
-from nextaccel_jax.models import aqvae
+from nextaccel_jax import checkpointing, inference, losses, optim, sharding
+from nextaccel_jax.data import pipeline
+from nextaccel_jax.evaluation import evaluators
+from nextaccel_jax.models import aqvae, layers, next_scale
 from nextaccel_jax.models import transformer as transformer_lib
 from nextaccel_jax.stages import common
+from nextaccel_jax.stages import data as data_stage
 
 NUM_SCALES = len(transformer_lib.PATCH_NUMS) - 1
 
@@ -54,24 +55,12 @@ class TrainState:
 def make_tokenizer(config: ml_collections.ConfigDict) -> aqvae.AQVAE:
   """The stage-1 AQ-VAE with `config.tokenizer`'s sizes and compute dtype (the one stage 1 trained
   with; codebook distances stay float32), without remat since it only runs forward."""
-  fields = dict(config.tokenizer)
-  fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
-  fields["param_dtype"] = jnp.float32
-  fields["remat"] = False
-  return aqvae.AQVAE(**fields)
-
-
-def model_from_fields(model_fields, tokenizer_fields) -> transformer_lib.NextAccelTransformer:
-  """The transformer of a `config.model` section, its context encoder sized like the tokenizer."""
-  fields = dict(model_fields)
-  fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
-  fields["param_dtype"] = jnp.float32
-  fields.update(transformer_lib.context_encoder_fields(dict(tokenizer_fields)))
-  return transformer_lib.NextAccelTransformer(**fields)
+  return aqvae.from_fields(config.tokenizer, "config.tokenizer", remat=False)
 
 
 def make_model(config: ml_collections.ConfigDict) -> transformer_lib.NextAccelTransformer:
-  return model_from_fields(config.model, config.tokenizer)
+  """The transformer of `config.model`, its context encoder sized like `config.tokenizer`."""
+  return transformer_lib.from_fields(config.model, config.tokenizer, "config.model")
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, tokenizer: aqvae.AQVAE, mesh) -> dict:
@@ -80,36 +69,30 @@ def load_tokenizer(config: ml_collections.ConfigDict, tokenizer: aqvae.AQVAE, me
   Reads the best checkpoint of the stage-1 workdir `config.tokenizer_from` (or its latest one
   when no best was kept).
   """
-  path = config.tokenizer_from
-  if not path:
-    raise ValueError(
-      "config.tokenizer_from is empty: point it at a stage-1 workdir, e.g. "
-      "--config.tokenizer_from=runs/aqvae after "
-      "`python -m nextaccel_jax.main --config=configs/aqvae.py:demo --workdir=runs/aqvae`"
-    )
-  path = os.path.expanduser(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"config.tokenizer_from={path}: no such directory (stage-1 workdir)")
+  path = checkpointing.existing_dir(
+    config.tokenizer_from,
+    "config.tokenizer_from",
+    "point it at a stage-1 workdir, e.g. --config.tokenizer_from=runs/aqvae after "
+    "`python -m nextaccel_jax.main --config=configs/aqvae.py:demo --workdir=runs/aqvae`",
+  )
   abstract = jax.eval_shape(
     lambda: aqvae.init_variables(tokenizer, jax.random.key(0), config.data.image_size)
   )
-  abstract = sharding.with_shardings(
-    abstract, sharding.state_shardings(abstract, mesh, config, prefix="frozen/")
+  tree = common.load_frozen_params(
+    path,
+    {"params": abstract["params"], "vq_ema": abstract["vq_ema"]},
+    mesh,
+    config,
+    field="config.tokenizer_from",
+    what="the checkpoint does not match config.tokenizer (sizes must equal the stage-1 run's "
+    "config.model)",
   )
-  try:
-    tree = checkpointing.load_best_or_latest(path, dict(abstract))
-  except (ValueError, KeyError) as e:
-    raise ValueError(
-      f"config.tokenizer_from={path}: the checkpoint does not match config.tokenizer "
-      f"(sizes must equal the stage-1 run's config.model): {e}"
-    ) from e
   return {"params": tree["params"], "vq_ema": tree["vq_ema"]}
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
   """AdamW with VAR's no-decay groups; the context encoder is masked out when frozen."""
-  tx, schedule = common.optimizer_from_config(config.optim, total_steps)
-  return transformer_lib.mask_frozen(tx, config.trainable_context_encoder), schedule
+  return optim.transformer_optimizer(config.optim, total_steps, config.trainable_context_encoder)
 
 
 def create_train_state(config, model, tx, mesh, rng, tokenizer_variables):
@@ -119,8 +102,8 @@ def create_train_state(config, model, tx, mesh, rng, tokenizer_variables):
 
   def init(rng, tok_params):
     params = transformer_lib.init_params(model, rng, size)["params"]
-    encoder = transformer_lib.context_encoder_params_from_aqvae(tok_params)
-    params = transformer_lib.insert_context_encoder(params, encoder)
+    encoder = next_scale.context_encoder_params_from_aqvae(tok_params)
+    params = next_scale.insert_context_encoder(params, encoder)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   abstract = jax.eval_shape(init, rng, tokenizer_variables["params"])
@@ -150,9 +133,7 @@ def train_step(state: TrainState, batch: dict, tok_vars: dict, *, model, tokeniz
   levels, family = batch["levels"], batch["family"]
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
   rng_noise, rng_drop = jax.random.split(rng)
-  tf = transformer_lib.teacher_forcing_batch(
-    model, tokenizer, tok_vars, levels, family, rng=rng_noise
-  )
+  tf = next_scale.teacher_forcing_batch(model, tokenizer, tok_vars, levels, family, rng=rng_noise)
 
   def loss_fn(params):
     logits, _ = model.apply(
@@ -183,7 +164,7 @@ def train_step(state: TrainState, batch: dict, tok_vars: dict, *, model, tokeniz
 def eval_step(state: TrainState, batch: dict, tok_vars: dict, *, model, tokenizer):
   """Teacher-forced metrics with a clean prefix (the teacher's noise is a training device)."""
   clean = model.clone(prefix_noise_max=0.0)
-  tf = transformer_lib.teacher_forcing_batch(
+  tf = next_scale.teacher_forcing_batch(
     clean, tokenizer, tok_vars, batch["levels"], batch["family"]
   )
   logits, _ = model.apply(
@@ -199,7 +180,7 @@ def eval_step(state: TrainState, batch: dict, tok_vars: dict, *, model, tokenize
 def recon_step(state: TrainState, batch: dict, tok_vars: dict, *, model, tokenizer):
   """Argmax autoregressive reconstruction (cached), as magnitudes with their references."""
   levels, family = batch["levels"], batch["family"]
-  context = levels[:, 0] if model.role == "student" else levels[:, -1]
+  context = next_scale.context_image(levels, model.role)
   x_hat = inference.reconstruct(
     tokenizer,
     model,
@@ -216,24 +197,47 @@ def recon_step(state: TrainState, batch: dict, tok_vars: dict, *, model, tokeniz
   }
 
 
-def jit_steps(config, model, tokenizer, tx, mesh, state_sharding, tok_sharding=None):
-  """`(train, eval, recon)`; train is `(state, batch, tok_vars) -> (state, metrics)`.
+def jit_eval_steps(config, model, tokenizer, mesh, state_sharding, tok_sharding) -> dict:
+  """`{"eval", "recon"}`: the teacher-forced and the autoregressive validation steps, both
+  `(state, batch, tok_vars) -> per-example outputs` (stage 3 validates with them too)."""
+  del config
+  kw = dict(
+    in_shardings=(state_sharding, sharding.data_sharding(mesh), tok_sharding),
+    out_shardings=sharding.data_sharding(mesh),
+  )
+  return {
+    "eval": jax.jit(functools.partial(eval_step, model=model, tokenizer=tokenizer), **kw),
+    "recon": jax.jit(functools.partial(recon_step, model=model, tokenizer=tokenizer), **kw),
+  }
 
-  `tok_sharding` is the layout `load_tokenizer` gave the tokenizer (None: replicated).
+
+def build_step(
+  config: ml_collections.ConfigDict, mesh, tok_vars: dict, total_steps: int
+) -> common.StageStep:
+  """The student's or teacher's step on `mesh`: `train(state, batch, tok_vars)` (the state
+  donated), and `evals` (`jit_eval_steps`).
+
+  Args:
+    config: The stage config.
+    mesh: The device mesh.
+    tok_vars: The frozen tokenizer's variables (`load_tokenizer`), already placed.
+    total_steps: Length of the learning-rate schedule.
   """
-  data = sharding.data_sharding(mesh)
-  repl = sharding.replicated(mesh)
-  tok_sharding = repl if tok_sharding is None else tok_sharding
+  tokenizer, model = make_tokenizer(config), make_model(config)
+  tx, schedule = make_optimizer(config, total_steps)
+  state, state_sharding = create_train_state(
+    config, model, tx, mesh, jax.random.key(config.seed), tok_vars
+  )
+  tok_sharding = sharding.shardings_of(tok_vars)
   train = jax.jit(
     functools.partial(train_step, model=model, tokenizer=tokenizer, tx=tx, seed=config.seed),
-    in_shardings=(state_sharding, data, tok_sharding),
-    out_shardings=(state_sharding, repl),
+    in_shardings=(state_sharding, sharding.data_sharding(mesh), tok_sharding),
+    out_shardings=(state_sharding, sharding.replicated(mesh)),
     donate_argnums=0,
   )
-  kw = dict(in_shardings=(state_sharding, data, tok_sharding), out_shardings=data)
-  evaluate_fn = jax.jit(functools.partial(eval_step, model=model, tokenizer=tokenizer), **kw)
-  recon_fn = jax.jit(functools.partial(recon_step, model=model, tokenizer=tokenizer), **kw)
-  return train, evaluate_fn, recon_fn
+  evals = jit_eval_steps(config, model, tokenizer, mesh, state_sharding, tok_sharding)
+  models = {"model": model, "tokenizer": tokenizer}
+  return common.StageStep(state, state_sharding, train, (tok_vars,), schedule, tx, models, evals)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,45 +257,19 @@ def evaluate(
 ) -> dict:
   """Per-scale CE/accuracy over the split; image metrics (overall and per mask family) of the
   first `recon_batches` batches (0 = all)."""
-  layout = transformer_lib.sequence_layout(patch_nums)
-  ce = [[] for _ in layout]
-  acc = [[] for _ in layout]
-  images = {"recon": {}, "zero_filled": {}}
+  tokens = evaluators.ScaleMeans(transformer_lib.sequence_layout(patch_nums))
+  images = evaluators.ImageScores((protocol,), ("alex",))
   for i, batch in enumerate(loader):
     valid = sharding.to_host(batch["valid"])
     out = sharding.to_host(eval_fn(state, batch, tok_vars))
-    for j, (b, e) in enumerate(layout):
-      ce[j].extend(out["ce_BL"][valid, b:e].mean(axis=1))
-      acc[j].extend(out["hit_BL"][valid, b:e].mean(axis=1))
+    tokens.add("ce", out["ce_BL"], valid)
+    tokens.add("acc", out["hit_BL"], valid)
     if not recon_batches or i < recon_batches:
       r = sharding.to_host(recon_fn(state, batch, tok_vars))
-      gt = r["target"][valid]
       family = sharding.to_host(batch["family"])[valid]
-      for key, scores in images.items():
-        pred = r[key][valid]
-        values = {
-          "psnr": np.atleast_1d(np_metrics.psnr(gt, pred, protocol=protocol)),
-          "ssim": np.atleast_1d(np_metrics.ssim(gt, pred, protocol=protocol)),
-          "lpips_alex": lpips_metric.lpips(gt, pred, protocol=protocol),
-        }
-        for name, v in values.items():
-          scores.setdefault(name, []).extend(v)
-          for f in np.unique(family):
-            fam_key = f"{masks.FAMILIES[int(f)]}/{name}"
-            scores.setdefault(fam_key, []).extend(v[family == f])
-  sizes = np.array([(e - b) for b, e in layout], np.float64)
-  ce_k = np.array([np.mean(v) for v in ce])
-  acc_k = np.array([np.mean(v) for v in acc])
-  out = {
-    "ce": float((ce_k * sizes).sum() / sizes.sum()),
-    "acc": float((acc_k * sizes).sum() / sizes.sum()),
-  }
-  for k in range(len(layout)):
-    out[f"ce/scale_{k + 1}"] = float(ce_k[k])
-    out[f"acc/scale_{k + 1}"] = float(acc_k[k])
-  for key, scores in images.items():
-    for name, v in scores.items():
-      out[f"{key}/{name}"] = float(np.mean(v))
+      for row in ("recon", "zero_filled"):
+        images.add(row, r[row][valid], r["target"][valid], family)
+  out = {**tokens.result("ce"), **tokens.result("acc"), **images.means(("psnr", "ssim"))}
   # Higher is better for checkpoint selection.
   out["neg_ce"] = -out["ce"]
   return out
@@ -306,83 +284,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.mesh_from_config(config)
-  tokenizer = make_tokenizer(config)
-  tok_vars = load_tokenizer(config, tokenizer, mesh)
-  train_src, val_src = prepare.training_splits(config, workdir)
+  tok_vars = load_tokenizer(config, make_tokenizer(config), mesh)
+  splits = data_stage.training_splits(config, workdir)
+  _, total_steps = common.schedule_length(config, len(splits[0]))
+  step = build_step(config, mesh, tok_vars, total_steps)
+  step.compile(config, mesh, config.model.role)
 
-  steps_per_epoch = max(1, len(train_src) // config.data.batch_size)
-  total_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
-  model = make_model(config)
-  tx, schedule = make_optimizer(config, total_steps)
-  state, state_sharding = create_train_state(
-    config, model, tx, mesh, jax.random.key(config.seed), tok_vars
-  )
-  train_fn, eval_fn, recon_fn = jit_steps(
-    config, model, tokenizer, tx, mesh, state_sharding, sharding.shardings_of(tok_vars)
-  )
-  batch_spec = pipeline.train_batch_spec(config.data.batch_size, config.data.image_size, mesh)
-  train_fn = common.compile_train_step(
-    train_fn, (state, batch_spec, tok_vars), name=config.model.role, memory=config.get("memory")
-  )
-
-  ckpt = checkpointing.Checkpointer(
-    workdir,
-    max_to_keep=config.ckpt.max_to_keep,
-    keep_best=True,
-    best_metric="neg_ce",
-    best_mode="max",
-  )
-  meta = {
-    "stage": "transformer",
-    "role": config.model.role,
-    "model": dict(config.model),
-    "tokenizer": dict(config.tokenizer),
-    "tokenizer_from": os.path.abspath(config.tokenizer_from),
-    "image_size": config.data.image_size,
-  }
-  start = ckpt.latest_step()
-  if start is not None:
-    state, _ = ckpt.restore(checkpointing.abstract_like(state), start)
-    logging.info("resumed from %s at step %d", workdir, start)
-  elif config.init_from:
-    params = checkpointing.load_params(config.init_from)["params"]
-    state = jax.device_put(state.replace(params=params, opt_state=tx.init(params)), state_sharding)
+  ckpt = common.checkpointer(config, workdir, "neg_ce")
+  state, resumed = common.resume(ckpt, step.state, workdir)
+  if not resumed and config.init_from:
+    wanted = sharding.with_shardings(
+      {"params": state.params}, {"params": step.state_sharding.params}
+    )
+    params = checkpointing.load_params(
+      config.init_from,
+      wanted,
+      field="config.init_from",
+      what=f"config.init_from={config.init_from}: its params do not match config.model",
+    )["params"]
+    state = jax.device_put(
+      state.replace(params=params, opt_state=step.tx.init(params)), step.state_sharding
+    )
     logging.info("initialised the transformer from %s", config.init_from)
-
-  writer = common.MetricWriter(workdir)
-  writer.write_config(config)
-  logging.info(
-    "%s: %d params, %d steps (%d per epoch), batch %d on %d devices",
-    config.model.role,
-    common.count_params(state.params),
-    total_steps,
-    steps_per_epoch,
-    config.data.batch_size,
-    jax.device_count(),
-  )
-  loader, val_loader = prepare.loaders(config, train_src, val_src, mesh, int(state.step))
-  return common.run_stage_loop(
+  model = step.models["model"]
+  return common.run_stage(
     config,
     workdir,
-    loader=loader,
-    ckpt=ckpt,
-    writer=writer,
+    step=step,
     state=state,
-    train_fn=lambda s, b: train_fn(s, b, tok_vars),
-    evaluate_fn=lambda s: evaluate(
-      eval_fn,
-      recon_fn,
+    ckpt=ckpt,
+    splits=splits,
+    mesh=mesh,
+    evaluate=lambda s, loader: evaluate(
+      step.evals["eval"],
+      step.evals["recon"],
       s,
       tok_vars,
-      val_loader,
+      loader,
       patch_nums=model.patch_nums,
       recon_batches=config.eval.recon_batches,
       protocol=config.eval.protocol,
     ),
-    total_steps=total_steps,
-    schedule=schedule,
-    meta=meta,
+    meta={
+      "stage": "transformer",
+      "role": config.model.role,
+      "model": dict(config.model),
+      "tokenizer": dict(config.tokenizer),
+      "tokenizer_from": os.path.abspath(config.tokenizer_from),
+      "image_size": config.data.image_size,
+    },
     best_metric="neg_ce",
     desc=config.model.role,
     postfix=("loss", "acc"),
+    summary=f"{config.model.role}: {layers.count_params(state.params)} params",
   )

@@ -7,10 +7,11 @@ on magnitude images, with the projected discriminator (frozen BiomedCLIP tower +
 by its own AdamW in the same jitted step. Terms live in `LOSS_TERMS`: each is a pure function of
 a `LossInputs` returning `(loss, metrics)`, enabled by a non-zero weight in `config.loss`.
 
-The state is one pytree (`TrainState`: generator, codebook and discriminator heads) replicated over
-a `("data",)` mesh; batches are sharded along it. Frozen networks (LPIPS, the BiomedCLIP tower) are
-a separate replicated argument, so checkpoints hold only what training changes. `train_step` is a
-single `jax.jit` with explicit shardings and the state donated. The EMA codebook (`vq_ema`) is
+The state is one pytree (`TrainState`: generator, codebook and discriminator heads) laid out on the
+mesh by the `config.sharding` rules; batches are sharded along the batch axes. Frozen networks
+(LPIPS, the BiomedCLIP tower) are a separate argument, so checkpoints hold only what training
+changes. `build_step` jits `train_step` once with explicit shardings and the state donated; the
+tests and benchmarks run the same step through `testing.stage_step`. The EMA codebook (`vq_ema`) is
 updated inside the step from global batch statistics. Resume order, written in
 `train_and_evaluate`: (1) the workdir's latest checkpoint, (2) `config.init_from` (params and
 codebook of a converted VAR VQ-VAE or another stage-1 run), (3) scratch.
@@ -27,16 +28,16 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 
-from nextaccel_jax import checkpointing, losses, sharding
-from nextaccel_jax.data import pipeline, prepare
-from nextaccel_jax.evaluation import lpips_metric
-from nextaccel_jax.evaluation import metrics as np_metrics
-from nextaccel_jax.models import aqvae, biomedclip, discriminator, lpips
+from nextaccel_jax import checkpointing, losses, optim, sharding
+from nextaccel_jax.convert import checkpoints
+from nextaccel_jax.data import pipeline
+from nextaccel_jax.evaluation import evaluators
+from nextaccel_jax.models import aqvae, biomedclip, discriminator, layers, lpips
 from nextaccel_jax.stages import common
+from nextaccel_jax.stages import data as data_stage
 
 NUM_LEVELS = aqvae.NUM_LEVELS
 
@@ -138,10 +139,7 @@ def loss_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
 
 
 def make_model(config: ml_collections.ConfigDict) -> aqvae.AQVAE:
-  fields = dict(config.model)
-  fields["dtype"] = jnp.dtype(fields.get("dtype", "float32"))
-  fields["param_dtype"] = jnp.float32
-  return aqvae.AQVAE(**fields)
+  return aqvae.from_fields(config.model, "config.model")
 
 
 def uses_discriminator(config: ml_collections.ConfigDict) -> bool:
@@ -163,14 +161,10 @@ def make_discriminator(config: ml_collections.ConfigDict) -> discriminator.Discr
   )
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
-  return common.optimizer_from_config(config.optim, total_steps)
-
-
 def make_disc_optimizer(config: ml_collections.ConfigDict):
   """The discriminator's AdamW; decay on every head parameter (biomedclip_lpips_spec.md §3.4)."""
   d = config.disc
-  return common.make_optimizer(
+  return optim.make_optimizer(
     learning_rate=d.lr,
     b1=d.b1,
     b2=d.b2,
@@ -192,7 +186,9 @@ def load_frozen(config: ml_collections.ConfigDict, disc, mesh) -> dict:
     frozen["lpips"] = lpips.load_pretrained(config.lpips.net)
   if disc is not None:
     if config.disc.weights:
-      tower, report = biomedclip.load_weights(config.disc.weights, **dict(config.disc.tower))
+      tower, report = biomedclip.from_torch_state_dict(
+        checkpoints.load_state_dict(config.disc.weights), **dict(config.disc.tower)
+      )
       if report["unfilled_leaves"]:
         raise ValueError(
           f"config.disc.weights={config.disc.weights}: tower leaves missing from the file: "
@@ -421,17 +417,27 @@ def eval_step(state: TrainState, batch: dict, *, model):
   }
 
 
-def jit_steps(
-  config, model, tx, mesh, state_sharding, disc=None, disc_tx=None, frozen_sharding=None
-):
-  """The jitted train and eval steps with explicit shardings (the state is donated).
+def build_step(
+  config: ml_collections.ConfigDict, mesh, frozen: dict, total_steps: int
+) -> common.StageStep:
+  """The AQ-VAE step on `mesh`: `train(state, batch, frozen) -> (state, metrics)` (the state
+  donated) and `evals["eval"](state, batch)` (the magnitudes `evaluate` scores).
 
-  The train step is `(state, batch, frozen) -> (state, metrics)`; `frozen_sharding` is the
-  layout `load_frozen` gave the frozen networks (None: replicated).
+  Args:
+    config: The stage config.
+    mesh: The device mesh.
+    frozen: `load_frozen`'s networks (LPIPS, the discriminator's tower), already placed.
+    total_steps: Length of the learning-rate schedule.
   """
+  model = make_model(config)
+  tx, schedule = optim.optimizer_from_config(config.optim, total_steps)
+  disc = make_discriminator(config)
+  disc_tx = make_disc_optimizer(config) if disc is not None else None
+  state, state_sharding = create_train_state(
+    config, model, tx, mesh, jax.random.key(config.seed), disc, disc_tx, frozen
+  )
   data = sharding.data_sharding(mesh)
   repl = sharding.replicated(mesh)
-  frozen_sharding = repl if frozen_sharding is None else frozen_sharding
   train = jax.jit(
     functools.partial(
       train_step,
@@ -445,59 +451,58 @@ def jit_steps(
       adv_start_step=config.disc.start_step,
       seed=config.seed,
     ),
-    in_shardings=(state_sharding, data, frozen_sharding),
+    in_shardings=(state_sharding, data, sharding.shardings_of(frozen)),
     out_shardings=(state_sharding, repl),
     donate_argnums=0,
   )
-  evaluate = jax.jit(
+  evaluate_fn = jax.jit(
     functools.partial(eval_step, model=model),
     in_shardings=(state_sharding, data),
     out_shardings=data,
   )
-  return train, evaluate
+  models = {"model": model, "discriminator": disc}
+  evals = {"eval": evaluate_fn}
+  return common.StageStep(state, state_sharding, train, (frozen,), schedule, tx, models, evals)
 
 
 # ------------------------------------------------------------------------------------------------
 # Evaluation
 
 
+EVAL_ROWS = ("recon_all", "recon_r32", "zero_filled")
+
+
 def evaluate(
   eval_fn, state, loader: pipeline.EvalLoader, protocol: str = "paper", lpips_nets=("alex",)
 ) -> dict:
-  """Mean SSIM/PSNR (and LPIPS per net) over a fixed pass of the eval split (numpy metrics)."""
-  names = ["ssim", "psnr"] + [f"lpips_{n}" for n in lpips_nets]
-  scores = {k: {m: [] for m in names} for k in ("recon_all", "recon_r32", "zero_filled")}
+  """Mean SSIM/PSNR (and LPIPS per net) over a fixed pass of the eval split, overall and per mask
+  family, of the all-levels and Q32-only reconstructions and the zero-filled input."""
+  scores = evaluators.ImageScores((protocol,), lpips_nets)
   for batch in loader:
     out = sharding.to_host(eval_fn(state, batch))
     valid = sharding.to_host(batch["valid"])
-    gt = out["target"][valid]
-    for key, s in scores.items():
-      pred = out[key][valid]
-      s["ssim"].extend(np.atleast_1d(np_metrics.ssim(gt, pred, protocol=protocol)))
-      s["psnr"].extend(np.atleast_1d(np_metrics.psnr(gt, pred, protocol=protocol)))
-      for n in lpips_nets:
-        s[f"lpips_{n}"].extend(lpips_metric.lpips(gt, pred, protocol=protocol, net=n))
-  return {f"{key}/{m}": float(np.mean(v)) for key, s in scores.items() for m, v in s.items()}
+    family = sharding.to_host(batch["family"])[valid]
+    for row in EVAL_ROWS:
+      scores.add(row, out[row][valid], out["target"][valid], family)
+  return scores.means(("ssim", "psnr"))
 
 
 # ------------------------------------------------------------------------------------------------
 # Loop
 
 
-def _load_init_from(path: str, state: TrainState, state_sharding) -> TrainState:
+def _load_init_from(config, state: TrainState, state_sharding) -> TrainState:
   """Params and codebook from another checkpoint (a converted VAR VQ-VAE or stage-1 run)."""
-  tree = checkpointing.load_params(path)
-  params = tree["params"]
-  vq_ema = tree["vq_ema"]
-  expect = jax.tree.map(lambda x: x.shape, (state.params, state.vq_ema))
-  got = jax.tree.map(lambda x: np.shape(x), (params, vq_ema))
-  if expect != got:
-    raise ValueError(
-      f"config.init_from={path}: parameter shapes differ from config.model; "
-      "convert with the same model sizes"
-    )
-  state = state.replace(params=params, vq_ema=vq_ema)
-  return jax.device_put(state, state_sharding)
+  wanted = {"params": state_sharding.params, "vq_ema": state_sharding.vq_ema}
+  abstract = sharding.with_shardings({"params": state.params, "vq_ema": state.vq_ema}, wanted)
+  tree = checkpointing.load_params(
+    config.init_from,
+    abstract,
+    field="config.init_from",
+    what=f"config.init_from={config.init_from}: parameter shapes differ from config.model; "
+    "convert with the same model sizes",
+  )
+  return state.replace(params=tree["params"], vq_ema=tree["vq_ema"])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -505,70 +510,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.mesh_from_config(config)
-  train_src, val_src = prepare.training_splits(config, workdir)
+  splits = data_stage.training_splits(config, workdir)
+  _, total_steps = common.schedule_length(config, len(splits[0]))
+  frozen = load_frozen(config, make_discriminator(config), mesh)
+  step = build_step(config, mesh, frozen, total_steps)
+  step.compile(config, mesh, "aqvae")
 
-  steps_per_epoch = max(1, len(train_src) // config.data.batch_size)
-  total_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
-  model = make_model(config)
-  tx, schedule = make_optimizer(config, total_steps)
-  disc = make_discriminator(config)
-  disc_tx = make_disc_optimizer(config) if disc is not None else None
-  frozen = load_frozen(config, disc, mesh)
-  rng = jax.random.key(config.seed)
-  state, state_sharding = create_train_state(config, model, tx, mesh, rng, disc, disc_tx, frozen)
-  train_fn, eval_fn = jit_steps(
-    config, model, tx, mesh, state_sharding, disc, disc_tx, sharding.shardings_of(frozen)
-  )
-  batch_spec = pipeline.train_batch_spec(config.data.batch_size, config.data.image_size, mesh)
-  train_fn = common.compile_train_step(
-    train_fn, (state, batch_spec, frozen), name="aqvae", memory=config.get("memory")
-  )
-
-  ckpt = checkpointing.Checkpointer(
-    workdir,
-    max_to_keep=config.ckpt.max_to_keep,
-    keep_best=True,
-    best_metric="recon_all/ssim",
-    best_mode="max",
-  )
-  meta = {"stage": "aqvae", "model": dict(config.model), "image_size": config.data.image_size}
+  ckpt = common.checkpointer(config, workdir, "recon_all/ssim")
   # Resume order: (1) own checkpoint, (2) init_from, (3) scratch.
-  start = ckpt.latest_step()
-  if start is not None:
-    state, _ = ckpt.restore(checkpointing.abstract_like(state), start)
-    logging.info("resumed from %s at step %d", workdir, start)
-  elif config.init_from:
-    state = _load_init_from(config.init_from, state, state_sharding)
+  state, resumed = common.resume(ckpt, step.state, workdir)
+  if not resumed and config.init_from:
+    state = _load_init_from(config, state, step.state_sharding)
     logging.info("initialised params and codebook from %s", config.init_from)
-  start = int(state.step)
-
-  writer = common.MetricWriter(workdir)
-  writer.write_config(config)
-  logging.info(
-    "AQ-VAE: %d params (discriminator heads %d), %d steps (%d per epoch), batch %d on %d devices",
-    common.count_params(state.params),
-    common.count_params(state.disc_params),
-    total_steps,
-    steps_per_epoch,
-    config.data.batch_size,
-    jax.device_count(),
-  )
-  loader, val_loader = prepare.loaders(config, train_src, val_src, mesh, start)
-  return common.run_stage_loop(
+  return common.run_stage(
     config,
     workdir,
-    loader=loader,
-    ckpt=ckpt,
-    writer=writer,
+    step=step,
     state=state,
-    train_fn=lambda s, b: train_fn(s, b, frozen),
-    evaluate_fn=lambda s: evaluate(
-      eval_fn, s, val_loader, config.eval.protocol, tuple(config.eval.lpips_nets)
+    ckpt=ckpt,
+    splits=splits,
+    mesh=mesh,
+    evaluate=lambda s, loader: evaluate(
+      step.evals["eval"], s, loader, config.eval.protocol, tuple(config.eval.lpips_nets)
     ),
-    total_steps=total_steps,
-    schedule=schedule,
-    meta=meta,
+    meta={"stage": "aqvae", "model": dict(config.model), "image_size": config.data.image_size},
     best_metric="recon_all/ssim",
     desc="aqvae",
     postfix=("loss", "ssim"),
+    summary=f"AQ-VAE: {layers.count_params(state.params)} params (discriminator heads "
+    f"{layers.count_params(state.disc_params)})",
   )

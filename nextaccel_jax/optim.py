@@ -1,0 +1,209 @@
+"""Optimizer policy of every stage: learning-rate schedules, AdamW with no-decay groups, freezing.
+
+- `make_schedule`: linear warm-up from 0, then cosine, linear or constant, built from optax's
+  schedules (`warmup_cosine_decay_schedule`, `linear_schedule`, `join_schedules`).
+- `make_optimizer`: global-norm clipping, then AdamW; `no_decay_mask` says which parameters get
+  weight decay (by regex on their path).
+- `optimizer_from_config`: both from a config's `optim` section.
+- `trainable_mask` / `mask_frozen`: which transformer parameters the optimizer may update (the
+  context encoder copied from stage 1 can be frozen; its unused output head always is).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+import jax
+import optax
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+# Parameters that are not weight matrices: biases, norm scales, embedding tables, positional
+# embeddings (`pos_start`, `pos_1LC`) and VAR's per-head attention temperature (`scale_mul_1H11`).
+# Decaying them towards zero only fights their initialisation (VAR excludes the same set).
+NO_DECAY_PATTERNS = (
+  r".*bias$",
+  r".*scale$",
+  r".*embedding$",
+  r"(.*/)?pos_[^/]*$",
+  r"(.*/)?scale_mul[^/]*$",
+)
+
+# The transformer's context is read from intermediate encoder features; the encoder's output head
+# never runs, so it is never trained (weight decay would otherwise drift it).
+_UNUSED_ENCODER_PARTS = ("norm_out", "conv_out")
+CONTEXT_ENCODER = "context_encoder"
+
+
+def make_schedule(
+  *,
+  base_lr: float,
+  total_steps: int,
+  warmup_steps: int,
+  schedule: str = "cosine",
+  end_lr: float = 0.0,
+) -> optax.Schedule:
+  """Learning rate per optimiser step: linear warm-up from 0, then decay to `end_lr`.
+
+  Args:
+    base_lr: Peak learning rate, reached at `warmup_steps`.
+    total_steps: Step at which the decay reaches `end_lr`.
+    warmup_steps: Length of the linear warm-up (0 for none).
+    schedule: `"cosine"` or `"linear"` decay from `base_lr` to `end_lr`, or `"constant"` at
+      `base_lr` after the warm-up.
+    end_lr: Final learning rate of the decaying schedules.
+
+  Returns:
+    An optax schedule of the step count (the number of updates already applied); it stays at
+    `end_lr` after `total_steps`.
+
+  Raises:
+    ValueError: For an unknown schedule or inconsistent step counts.
+  """
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+  if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
+    raise ValueError(
+      f"need 0 <= warmup_steps <= total_steps and total_steps > 0, got warmup_steps="
+      f"{warmup_steps}, total_steps={total_steps}"
+    )
+  # A decay of zero length would be a division by zero in optax; one step keeps it defined.
+  decay_steps = max(total_steps - warmup_steps, 1)
+  if schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+      0.0, base_lr, warmup_steps, warmup_steps + decay_steps, end_lr
+    )
+  if schedule == "linear":
+    after = optax.linear_schedule(base_lr, end_lr, decay_steps)
+  else:
+    after = optax.constant_schedule(base_lr)
+  if not warmup_steps:
+    return after
+  warmup = optax.linear_schedule(0.0, base_lr, warmup_steps)
+  return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+def param_path(path) -> str:
+  """A pytree key path as `"block_0/attn/kernel"`."""
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+
+
+def no_decay_mask(params, no_decay_patterns: Sequence[str] = NO_DECAY_PATTERNS):
+  """Which parameters receive weight decay.
+
+  Args:
+    params: Parameter pytree.
+    no_decay_patterns: Regexes matched in full against each `/`-joined parameter path; a match
+      exempts the parameter from decay.
+
+  Returns:
+    A tree like `params` of Python bools, True where weight decay applies.
+  """
+  compiled = [re.compile(p) for p in no_decay_patterns]
+
+  def decays(path, _):
+    name = param_path(path)
+    return not any(p.fullmatch(name) for p in compiled)
+
+  return jax.tree.map_with_path(decays, params)
+
+
+def make_optimizer(
+  *,
+  learning_rate,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  grad_clip: float | None = None,
+  no_decay_mask_fn: Callable | None = None,
+) -> optax.GradientTransformation:
+  """Global-norm gradient clipping followed by AdamW.
+
+  Args:
+    learning_rate: A float or a schedule such as `make_schedule` returns.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's denominator offset.
+    weight_decay: Decoupled weight decay coefficient.
+    grad_clip: Maximum global gradient norm; None or <= 0 disables clipping.
+    no_decay_mask_fn: Maps the params to a tree of bools, True where weight decay applies
+      (e.g. `no_decay_mask`); None decays every parameter.
+
+  Returns:
+    The optax transformation; its state is `(clip_state, adamw_state)` with clipping, else
+    `(adamw_state,)`.
+  """
+  parts = []
+  if grad_clip is not None and grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(grad_clip))
+  parts.append(
+    optax.adamw(
+      learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=no_decay_mask_fn
+    )
+  )
+  return optax.chain(*parts)
+
+
+def optimizer_from_config(optim, total_steps: int):
+  """`(tx, schedule)` from a config's `optim` section (lr, end_lr, schedule, warmup_steps, b1, b2,
+  weight_decay, grad_clip), with weight decay only where `no_decay_mask` allows it."""
+  schedule = make_schedule(
+    base_lr=optim.lr,
+    total_steps=total_steps,
+    warmup_steps=optim.warmup_steps,
+    schedule=optim.schedule,
+    end_lr=optim.end_lr,
+  )
+  tx = make_optimizer(
+    learning_rate=schedule,
+    b1=optim.b1,
+    b2=optim.b2,
+    weight_decay=optim.weight_decay,
+    grad_clip=optim.grad_clip,
+    no_decay_mask_fn=no_decay_mask,
+  )
+  return tx, schedule
+
+
+def trainable_mask(params, trainable_context_encoder: bool = True):
+  """Tree of bools like the transformer's (unwrapped) params, True where the optimizer may
+  update.
+
+  The context encoder is trainable unless `trainable_context_encoder` is False; its unused
+  output head (`norm_out`, `conv_out`) is always frozen.
+  """
+
+  def trainable(path, _):
+    names = [getattr(p, "key", getattr(p, "name", str(p))) for p in path]
+    if CONTEXT_ENCODER not in names:
+      return True
+    if not trainable_context_encoder:
+      return False
+    rest = names[names.index(CONTEXT_ENCODER) + 1 :]
+    return not (rest and rest[0] in _UNUSED_ENCODER_PARTS)
+
+  return jax.tree.map_with_path(trainable, params)
+
+
+def mask_frozen(
+  tx: optax.GradientTransformation, trainable_context_encoder: bool = True
+) -> optax.GradientTransformation:
+  """Wraps `tx` so frozen parameters (see `trainable_mask`) get zero updates and no state.
+
+  Clipping inside `tx` then measures only the trainable gradients.
+  """
+
+  def labels(params):
+    return jax.tree.map(
+      lambda t: "train" if t else "freeze", trainable_mask(params, trainable_context_encoder)
+    )
+
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+def transformer_optimizer(optim, total_steps: int, trainable_context_encoder: bool = True):
+  """`optimizer_from_config` with the frozen parts of the transformer masked out."""
+  tx, schedule = optimizer_from_config(optim, total_steps)
+  return mask_frozen(tx, trainable_context_encoder), schedule
