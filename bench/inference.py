@@ -46,7 +46,7 @@ def main() -> int:
     config.model.depth = args.depth
   if args.dtype:
     config.model.dtype = args.dtype
-  config.model.remat = False
+  config.model.remat = "none"
   n = config.data.image_size
   tokenizer = stage.make_tokenizer(config)
   tok_vars = aqvae.init_variables(tokenizer, jax.random.key(1), n)

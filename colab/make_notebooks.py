@@ -502,9 +502,9 @@ def train_tpu():
         # Next-acceleration-scale prediction: the paper's models on a TPU
 
         Trains the paper-size AQ-VAE, student, privileged teacher and distilled student on the
-        fastMRI brain multicoil data, then exports the distilled student and evaluates it
-        against the stage-2 student and the zero-filled input, one stage per cell through the
-        `nextaccel_jax` package.
+        fastMRI brain multicoil data, and fastMRI's U-Net as a baseline, then exports the
+        distilled student and evaluates it against the stage-2 student, the U-Net and the
+        zero-filled input, one stage per cell through the `nextaccel_jax` package.
 
         This is a long job (days of TPU time at the paper's epochs). Every stage checkpoints
         into its own folder under `WORKDIR`: when a runtime is recycled, reconnect, run the
@@ -709,10 +709,12 @@ def train_tpu():
         config.teacher.num_epochs = 250
         config.distill.num_epochs = 100
         config.distill.data.batch_size = 24
+        config.unet.num_epochs = 50
+        config.unet.data.batch_size = 16
         # Stop a stage's cell after this many steps to fit a session (0 = run to the end).
         config.student.max_steps_per_run = 0
 
-        for name in ("aqvae", "student", "teacher", "distill"):
+        for name in ("aqvae", "student", "teacher", "distill", "unet"):
           batch = config[name].data.batch_size
           if batch % jax.device_count():
             raise ValueError(
@@ -734,7 +736,7 @@ def train_tpu():
         stage_configs = pipeline.stage_configs(config, WORKDIR)
         root = pathlib.Path(WORKDIR).absolute()
         workdirs = {name: root / name for name in pipeline.STEPS}
-        for name in ("aqvae", "student", "teacher", "distill"):
+        for name in ("aqvae", "student", "teacher", "distill", "unet"):
           c = stage_configs[name]
           print(f"{name}: {c.num_epochs} epochs, batch {c.data.batch_size} → {workdirs[name]}")
         """,
@@ -791,9 +793,28 @@ def train_tpu():
         """,
       ),
       md(
+        "unet-md",
+        """
+        ## 12. Baseline: the U-Net
+
+        fastMRI's U-Net (32 channels, 4 poolings) on the same data: the R = 32 image in, the
+        magnitude out, L1 loss, RMSprop with fastMRI's step decay. The evaluation compares it
+        with the transformer as the row `unet`.
+        """,
+      ),
+      code(
+        "unet",
+        """
+        from nextaccel_jax.stages import baseline
+
+        unet_val = baseline.train_and_evaluate(stage_configs["unet"], workdirs["unet"])
+        show("unet", unet_val, "recon/psnr", "recon/ssim", "zero_filled/ssim")
+        """,
+      ),
+      md(
         "export-md",
         """
-        ## 12. Export
+        ## 13. Export
 
         One Orbax checkpoint with everything inference needs: the tokenizer, the distilled
         student, their configs and the data conventions. Load it anywhere with
@@ -819,12 +840,12 @@ def train_tpu():
       md(
         "evaluate-md",
         """
-        ## 13. Evaluation
+        ## 14. Evaluation
 
-        The stage-2 student (`base`) and the exported distilled student reconstruct every test
-        slice from R = 32 under each mask family; PSNR, SSIM and LPIPS per contrast under the
-        paper's and fastMRI's protocols, against the zero-filled input. Writes `report.md`,
-        `per_slice.csv` and figure grids into `WORKDIR/evaluate`.
+        The stage-2 student (`base`), the exported distilled student and the U-Net reconstruct
+        every test slice from R = 32 under each mask family; PSNR, SSIM and LPIPS per contrast
+        under the paper's and fastMRI's protocols, against the zero-filled input. Writes
+        `report.md`, `per_slice.csv` and figure grids into `WORKDIR/evaluate`.
         """,
       ),
       code(

@@ -107,6 +107,17 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   # Previous weights: Orbax dir with {"params", "vq_ema"} (converted VAR VQ-VAE or a stage-1 run).
   config.init_from = ""
 
+  config.codebook_init = ml_collections.ConfigDict()
+  # The codebook at the start of a run that does not resume: "kmeans++" over the encoder's
+  # latents of the first training batches (the paper re-initialises it when training starts), or
+  # "uniform" (VAR's ±1/V codes, which collapse to a few dozen live codes without restarts).
+  config.codebook_init.method = "kmeans++"
+  # Training batches whose latents are sampled (each gives batch × 1111 latents).
+  config.codebook_init.batches = {"paper": 2, "demo": 2, "smoke": 1}[preset]
+  # Also replace a codebook loaded through init_from (the paper does for VAR's VQ-VAE); False
+  # keeps it, e.g. to continue from another stage-1 run.
+  config.codebook_init.after_init_from = True
+
   config.loss = ml_collections.ConfigDict()
   # Paper Eq. 3: 1.0·SSIM + 0.1·LPIPS + 0.1·adversarial + β·commitment (β inside the quantizer).
   config.loss.ssim = 1.0

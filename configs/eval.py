@@ -9,8 +9,9 @@ a per-slice CSV and figure grids (decisions.md §7).
       --config.models.distilled=exports/distilled --config.data.data_dir=$TFDS_DATA_DIR
 
 Each entry of `config.models` names a table row and points at a stage-2/3 workdir (its
-`config.json` names the tokenizer; `config.tokenizer_from` overrides it) or at an export folder.
-Empty entries are skipped.
+`config.json` names the tokenizer; `config.tokenizer_from` overrides it), at an export folder, or
+at a baseline workdir (`--config.models.unet=runs/unet --config.models.varnet=runs/varnet`, see
+configs/baseline.py). Empty entries are skipped.
 """
 
 import ml_collections
@@ -29,11 +30,13 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   # The stage reads `config.batch_size`; `data.batch_size` mirrors it for the shared data section.
   config.data = common.data_config(preset, batch_size=batch_size)
 
-  # Row name → stage-2/3 workdir or export folder, in table order; "" leaves the row out.
-  # Unsorted so that the rows keep the order written here.
+  # Row name → stage-2/3 workdir, export folder or baseline workdir (configs/baseline.py), in
+  # table order; "" leaves the row out. Unsorted so that the rows keep the order written here.
   config.models = ml_collections.ConfigDict(sort_keys=False)
   config.models.base = ""
   config.models.distilled = ""
+  config.models.unet = ""
+  config.models.varnet = ""
   # Stage-1 workdir overriding the tokenizer a workdir's config.json names (exports carry theirs).
   config.tokenizer_from = ""
 
@@ -44,7 +47,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   # Global batch; must be divisible by the number of devices.
   config.batch_size = batch_size
   config.protocols = ("paper", "fastmri")
-  config.lpips_nets = ("alex", "vgg") if preset == "paper" else ("alex",)
+  # LPIPS-alex is the paper's main table; vgg and DISTS are its Supp. Table 2.
+  config.lpips_nets = ("alex", "vgg")
+  # DISTS needs dists-pytorch (its trained α, β); without it the report says "DISTS: off".
+  config.dists = True
 
   # Token selection variants; the first one feeds the figures. The demo adds the sampled ones
   # for the comparison of the paper's Table 4.

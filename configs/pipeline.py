@@ -3,19 +3,24 @@
   python -m nextaccel_jax.main --config=configs/pipeline.py:paper --workdir=runs/paper \
       --config.data_dir=$TFDS_DATA_DIR --config.data.manual_dir=/data/fastmri_brain
 
-data → aqvae → student → teacher → distill → export → evaluate. A stage that finished is skipped
-when the command is run again; one that was interrupted resumes from its own checkpoints. Each
-stage's section is that stage's own config (`configs/<stage>.py`), so any field can be overridden,
-e.g. `--config.student.num_epochs=4`; the paths between stages are filled in by the pipeline.
-`configs/demo.py` is this with the demo preset.
+data → aqvae → student → teacher → distill → unet → export → evaluate. A stage that finished is
+skipped when the command is run again; one that was interrupted resumes from its own checkpoints.
+Each stage's section is that stage's own config (`configs/<stage>.py`), so any field can be
+overridden, e.g. `--config.student.num_epochs=4`; the paths between stages are filled in by the
+pipeline. `configs/demo.py` is this with the demo preset.
+
+The `unet` step trains fastMRI's U-Net baseline (`configs/baseline.py`) on the same data for a
+fixed number of steps, `--config.unet.num_train_steps`; it must take at most the wall time of
+aqvae + student, and pipeline.md and the report's header show both. The evaluation compares it
+with the transformer as the row `unet`.
 """
 
 import ml_collections
 
-from configs import aqvae, common, data, distill, student, teacher
+from configs import aqvae, baseline, common, data, distill, student, teacher
 from configs import eval as eval_config
 
-STEPS = ("data", "aqvae", "student", "teacher", "distill", "export", "evaluate")
+STEPS = ("data", "aqvae", "student", "teacher", "distill", "unet", "export", "evaluate")
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
@@ -31,6 +36,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.student = student.get_config(preset)
   config.teacher = teacher.get_config(preset)
   config.distill = distill.get_config(preset)
+  config.unet = baseline.get_config(f"unet,{preset}")
   config.evaluate = eval_config.get_config(preset)
   # The report compares the stage-2 student with the distilled one on the held-out test split
   # (validation already picked the checkpoints).

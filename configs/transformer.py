@@ -35,6 +35,12 @@ def model_config(preset: str, role: str) -> ml_collections.ConfigDict:
   m.prefix_noise_max = 0.5 if role == "teacher" else 0.0
   # "mean": block k sees the mean of scales < k (what the tokenizer decodes); "previous": h_{k-1}.
   m.input_mode = "mean"
+  # Table 4 ablations (configs/ablations.py). False: no context encoder and no cross-attention;
+  # the model is conditioned on the mask family through adaLN only, like VAR on its class.
+  m.cross_attention = True
+  # True: flat 16² tokens at every scale (five blocks of 16² positions), tokenised by the same
+  # stage-1 tokenizer at its full latent grid instead of its 12² … 16² hierarchy.
+  m.flat_tokens = False
   # Rematerialisation policy of the blocks: "none", "full", "dots" or "dots_no_batch".
   m.remat = "full" if preset == "paper" else "none"
   # Compute dtype; norms, softmax, logits and the loss stay float32.

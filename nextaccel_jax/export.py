@@ -9,8 +9,10 @@
 
 `export` writes one from in-memory models, `export_from_workdirs` from training workdirs;
 `load_export` and `load_workdirs` return the same `Exported` (modules, variables, metadata), and
-`load_reconstructor` an `inference.Reconstructor` from either. Workdirs are read through
-`checkpointing`'s reader of trained runs; the modules are built by the models' `from_fields`.
+`load_reconstructor` an `inference.Reconstructor` from either, or an
+`inference.BaselineReconstructor` from a U-Net / E2E-VarNet workdir (`load_baseline`). Workdirs
+are read through `checkpointing`'s reader of trained runs; the modules are built by the models'
+`from_fields`.
 
 An export is a `Composite` Orbax checkpoint (written to a temporary folder and renamed on commit,
 so a failed export never looks like a finished one) with three items:
@@ -64,6 +66,9 @@ from nextaccel_jax.models import transformer as transformer_lib
 FORMAT = "nextaccel_jax.export"
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)
+
+# `config.stage` of a baseline run (U-Net, E2E-VarNet): read by `load_baseline`, not exported.
+BASELINE_STAGE = "baseline"
 
 _TOKENIZER = "tokenizer"
 _TRANSFORMER = "transformer"
@@ -466,6 +471,12 @@ def _read_config(workdir: str) -> tuple[dict, str]:
       f"{path}: stage 'aqvae' is the tokenizer; transformer_from wants a stage-2/3 workdir "
       "(pass the stage-1 workdir as tokenizer_from)"
     )
+  if config.get("stage") == BASELINE_STAGE:
+    raise ValueError(
+      f"{path}: a {config.get('model_name')} baseline run; an export holds a tokenizer and a "
+      "transformer, while a baseline is read from its workdir (load_reconstructor, or "
+      "config.models.<name>=<workdir> in the evaluation)"
+    )
   for key in ("model", "tokenizer"):
     if not isinstance(config.get(key), dict):
       raise ValueError(f"{path}: missing field config.{key} (a JSON object)")
@@ -603,31 +614,76 @@ def export_from_workdirs(
   )
 
 
+def load_baseline(
+  workdir: str | os.PathLike, *, best: bool = True
+) -> inference.BaselineReconstructor:
+  """An `inference.BaselineReconstructor` of a baseline training workdir (`stages/baseline.py`).
+
+  The module is rebuilt from the run's `config.json` (`model_name`, `model`) and its params are
+  read from the best checkpoint (newest periodic where none was kept, or with `best=False`),
+  shapes checked first.
+
+  Raises:
+    FileNotFoundError: A missing workdir, config.json or checkpoint.
+    ValueError: A config that is not a baseline run's or does not build its model, or stored
+      params that do not match it (names the parameter path).
+  """
+  workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+  config = checkpointing.read_run_config(workdir)
+  where = os.path.join(workdir, "config.json")
+  if config.get("stage") != BASELINE_STAGE:
+    raise ValueError(f"{where}: stage {config.get('stage')!r} is not a baseline run")
+  size = (config.get("data") or {}).get("image_size")
+  if not isinstance(size, int) or size <= 0:
+    raise ValueError(f"{where}: config.data.image_size must be a positive int, got {size!r}")
+  if not isinstance(config.get("model"), dict):
+    raise ValueError(f"{where}: missing field config.model (a JSON object)")
+  single_coil = bool((config.get("data") or {}).get("single_coil"))
+  model = inference.make_baseline(
+    str(config.get("model_name")),
+    config["model"],
+    f"{where}: config.model",
+    single_coil=single_coil,
+  )
+  ckpt = checkpointing.find_checkpoint(workdir, best=best, field="baseline workdir")
+  abstract = jax.eval_shape(lambda: inference.init_baseline(model, jax.random.key(0), size))
+  params = checkpointing.restore_checkpoint(
+    ckpt,
+    {"params": abstract},
+    to_host=True,
+    what=f"{workdir} ({ckpt.describe()}): the stored params do not match config.model of {where}",
+  )["params"]
+  return inference.BaselineReconstructor(model, _to_device(params), single_coil=single_coil)
+
+
 def load_reconstructor(
   source: str | os.PathLike,
   tokenizer_from: str | os.PathLike | None = None,
   *,
   best: bool = True,
   sampling: inference.SamplingConfig = inference.ARGMAX,
-) -> inference.Reconstructor:
-  """An `inference.Reconstructor` from an export folder or a stage-2/3 training workdir.
+) -> inference.Reconstructor | inference.BaselineReconstructor:
+  """An `inference.Reconstructor` from an export folder or a stage-2/3 training workdir, or an
+  `inference.BaselineReconstructor` from a baseline workdir (told apart by its `config.json`).
 
   Args:
     source: An export written by `export`, or a workdir holding `config.json` (its best
       checkpoint is used, or its newest periodic one with `best=False`).
     tokenizer_from: Stage-1 workdir overriding the one a workdir's config.json names; exports
-      carry their tokenizer, so it is ignored for them.
+      carry their tokenizer and baselines have none, so it is ignored for them.
     best: For a workdir, read its best checkpoints (newest periodic where none was kept).
     sampling: The reconstructor's default token selection.
 
   Raises:
     FileNotFoundError: If `source` does not exist.
-    ValueError: As `load_export` and `load_workdirs`.
+    ValueError: As `load_export`, `load_workdirs` and `load_baseline`.
   """
   path = os.path.expanduser(os.fspath(source))
   if not os.path.exists(path):
     raise FileNotFoundError(f"{source}: no such stage-2/3 workdir or export folder")
   if os.path.isfile(os.path.join(path, "config.json")):
+    if checkpointing.read_run_config(path).get("stage") == BASELINE_STAGE:
+      return load_baseline(path, best=best)
     ex = load_workdirs(path, tokenizer_from or None, best=best)
   else:
     if tokenizer_from:
@@ -726,6 +782,7 @@ __all__ = (
   "describe",
   "export",
   "export_from_workdirs",
+  "load_baseline",
   "load_export",
   "load_reconstructor",
   "load_workdirs",

@@ -3,13 +3,15 @@
 
 Shape legend: B batch, H×W image grid, K = 6 tokenizer scales (k = 0 is Q32), l = pn_k² tokens of
 scale k, V vocabulary, Z codebook channels, h×w = 16² latent grid, Hd heads, L = 990 sequence
-positions, d head width.
+positions (1280 with flat tokens), d head width.
 
 Pipeline (one jitted function):
   1. encode the R = 32 image with the tokenizer (label: acceleration 0, its mask family) and
-     tokenise it at 11² → Q32 (given, never predicted);
+     tokenise it at the transformer's first grid, 11² (16² with `flat_tokens`) → Q32 (given,
+     never predicted); the tokenizer works at the transformer's grids throughout
+     (`next_scale.tokenizer_at`);
   2. `transformer.prepare`: the context encoder's features and every block's cross-attention
-     keys/values, computed once per sample;
+     keys/values, computed once per sample (nothing without cross-attention);
   3. for k = 1..5: the input of scale k from the running mean of the contributions so far,
      `transformer.step` (all pn_k² tokens of the scale in parallel; the new self-attention
      keys/values are written into a static-shape cache with `dynamic_update_slice`), then
@@ -26,8 +28,10 @@ variables and jits `reconstruct` once per sampling configuration:
   # Data consistency (decisions.md §6): keep the measured R = 32 samples of the input.
   x_dc_BHW2 = rec.reconstruct(x_r32_BHW2, family_B, mask_BHW=m32_BHW, maps_BCHW2=maps_BCHW2)
 
-`data_consistency` is the step on its own. This module only computes: reading trained models
-(an export, or training workdirs) is `export.load_reconstructor`'s job.
+`data_consistency` is the step on its own. `BaselineReconstructor` does the same job for the
+U-Net and E2E-VarNet baselines (`baseline_forward`: which input each reads, one forward pass).
+This module only computes: reading trained models (an export, or training workdirs) is
+`export.load_reconstructor`'s job.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from nextaccel_jax.data import transforms
 from nextaccel_jax.models import aqvae as aqvae_lib
 from nextaccel_jax.models import next_scale
 from nextaccel_jax.models import transformer as transformer_lib
+from nextaccel_jax.models import unet as unet_lib
+from nextaccel_jax.models import varnet as varnet_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +62,10 @@ class SamplingConfig:
     top_k: keep only the k most likely tokens (0 = all).
     top_p: keep the smallest set of most likely tokens whose probability reaches top_p
       (0 or ≥ 1 = all); the most likely token is always kept.
+
+  `top_k` and `top_p` may be set together (the paper's top-p 0.96 + top-k 900 decoding): the
+  top-k cut comes first and top-p is measured on the renormalised distribution of the k kept
+  tokens, the order of Hugging Face's logits warpers.
   """
 
   greedy: bool = True
@@ -133,7 +143,8 @@ def data_consistency(
 
 
 def filter_logits(logits_BlV: jax.Array, top_k: int = 0, top_p: float = 0.0) -> jax.Array:
-  """Sets the logits of tokens outside the top-k / top-p set to −inf (float32)."""
+  """Sets the logits of tokens outside the top-k / top-p set to −inf (float32); with both, top-p
+  applies to what top-k keeps."""
   logits = logits_BlV.astype(jnp.float32)
   v = logits.shape[-1]
   if 0 < top_k < v:
@@ -192,12 +203,13 @@ def rollout(
   """Generates scales 1..K−1 from Q32 with the KV cache (no gradient flows anywhere).
 
   Args:
-    transformer: the model (its input_mode is used).
+    transformer: the model (its patch_nums and input_mode are used).
     transformer_variables: `{"params": ...}` or the bare params.
-    tokenizer: the stage-1 `AQVAE` (for `lookup`).
+    tokenizer: the stage-1 `AQVAE` (for `lookup`, at the transformer's grids).
     tokenizer_variables: its `{"params", "vq_ema"}`.
-    idx0_Bl: Q32 token ids (121 per sample).
-    context_BHW2: the context image (the R = 32 image for the student).
+    idx0_Bl: Q32 token ids (pn_0² per sample: 121, or 256 with flat tokens).
+    context_BHW2: the context image (the R = 32 image for the student; unused without
+      cross-attention).
     family_B: mask-family ids.
     sampling: argmax or sampling settings.
     rng: PRNG key (only for sampling); scale k uses `fold_in(rng, k)`.
@@ -210,6 +222,7 @@ def rollout(
     `h_BhwZ`, and aux with `logits` (list of `logits_BlV`, float32) when asked.
   """
   tv = _as_variables(transformer_variables)
+  tokenizer = next_scale.tokenizer_at(tokenizer, transformer.patch_nums)
   idx0_Bl = jax.lax.stop_gradient(idx0_Bl)
   context_BHW2 = jax.lax.stop_gradient(context_BHW2)
   prepared = transformer.apply(
@@ -271,6 +284,7 @@ def reconstruct(
   """
   b = x_r32_BHW2.shape[0]
   family_B = family_B.astype(jnp.int32)
+  tokenizer = next_scale.tokenizer_at(tokenizer, transformer.patch_nums)
   idx0_Bl = next_scale.r32_tokens(tokenizer, tokenizer_variables, x_r32_BHW2, family_B)
   context = x_r32_BHW2 if context_BHW2 is None else context_BHW2
   idx_list, h_list, _ = rollout(
@@ -414,15 +428,179 @@ class Reconstructor:
   __call__ = reconstruct
 
 
+# ------------------------------------------------------------------------------------------------
+# Baselines: one forward pass of fastMRI's U-Net or E2E-VarNet
+
+# name -> the module's `from_fields`; `config.model_name` of a baseline run.
+BASELINES = {"unet": unet_lib.from_fields, "varnet": varnet_lib.from_fields}
+
+
+def make_baseline(
+  name: str, fields: Mapping[str, Any], where: str = "", *, single_coil: bool = False
+):
+  """The baseline `name` (a key of `BASELINES`) built from a config section or stored fields.
+
+  E2E-VarNet estimates coil maps from multicoil k-space, or is the single-coil variant (maps of
+  one) with `single_coil`: the data decide it, so it is not one of the stored fields.
+  """
+  if name not in BASELINES:
+    raise ValueError(
+      f"{where or 'baseline'}: unknown baseline {name!r}; choose one of {', '.join(BASELINES)}"
+    )
+  overrides = {"estimate_sens": not single_coil} if name == "varnet" else {}
+  return BASELINES[name](fields, where, **overrides)
+
+
+def reads_kspace(model) -> bool:
+  """Whether the baseline reads the measured k-space and mask (E2E-VarNet) rather than the
+  R = 32 image (U-Net)."""
+  return isinstance(model, varnet_lib.VarNet)
+
+
+def init_baseline(model, rng: jax.Array, image_size: int, num_coils: int = 1) -> dict:
+  """The `params` of a baseline for `image_size`² inputs (`num_coils` k-space coils; the
+  parameters do not depend on it)."""
+  shape = (image_size, image_size)
+  if reads_kspace(model):
+    return varnet_lib.init_params(model, rng, num_coils if model.estimate_sens else 1, shape)
+  return unet_lib.init_params(model, rng, shape)
+
+
+def baseline_forward(
+  model,
+  variables,
+  x_r32_BHW2: jax.Array,
+  kspace_BVHW2: jax.Array | None = None,
+  mask_BHW: jax.Array | None = None,
+  *,
+  train: bool = False,
+  rngs=None,
+) -> jax.Array:
+  """The baseline's output `y_BHWO` in float32: O = 1 a magnitude, O = 2 `[real, imag]`.
+
+  The U-Net reads the R = 32 image; E2E-VarNet reads `kspace_BVHW2` (the measured R = 32
+  k-space, `data.pipeline.r32_kspace`) and `mask_BHW` and returns the RSS magnitude.
+  """
+  variables = _as_variables(variables)
+  if not reads_kspace(model):
+    y, _ = model.apply(variables, jnp.asarray(x_r32_BHW2, jnp.float32), train=train, rngs=rngs)
+    return y.astype(jnp.float32)
+  if kspace_BVHW2 is None or mask_BHW is None:
+    raise ValueError(f"{type(model).__name__} reads the R = 32 k-space and its mask; pass both")
+  k = jnp.asarray(kspace_BVHW2, jnp.float32)
+  # Scans with fewer coils than the dataset's virtual coils carry all-zero padding coils, whose
+  # images E2E-VarNet's per-coil normalisation would divide by a zero standard deviation. A
+  # padding coil repeats the first coil instead: a second identical receiver, which the
+  # network's own map estimate (normalised over coils) and its RSS output treat consistently.
+  empty_BV = jnp.sum(jnp.square(k), axis=(2, 3, 4)) == 0
+  k = jnp.where(empty_BV[:, :, None, None, None], k[:, :1], k)
+  rss_BHW, _ = model.apply(variables, k, mask_BHW, train=train, rngs=rngs)
+  return rss_BHW[..., None].astype(jnp.float32)
+
+
+def baseline_image(y_BHWO: jax.Array, x_r32_BHW2: jax.Array) -> jax.Array:
+  """A baseline output as a complex image `[B, H, W, 2]`: as is for O = 2; for a magnitude
+  (O = 1) that magnitude with the R = 32 image's phase, so data consistency and the report treat
+  both kinds alike (its magnitude is `|y|`)."""
+  y = jnp.asarray(y_BHWO, jnp.float32)
+  if y.shape[-1] == 2:
+    return y
+  if y.shape[-1] != 1:
+    raise ValueError(f"a baseline output has 1 or 2 channels, got shape {y.shape}")
+  ref = transforms.channels_to_complex(jnp.asarray(x_r32_BHW2, jnp.float32))
+  r = jnp.abs(ref)
+  unit = jnp.where(r > 0, ref / jnp.where(r > 0, r, 1.0), 1.0)
+  return transforms.complex_to_channels(y[..., 0] * unit)
+
+
+def baseline_reconstruct(model, variables, x_r32_BHW2, kspace_BVHW2=None, mask_BHW=None):
+  """`baseline_image(baseline_forward(...))`: the reconstruction `[B, H, W, 2]`."""
+  y = baseline_forward(model, variables, x_r32_BHW2, kspace_BVHW2, mask_BHW)
+  return baseline_image(y, x_r32_BHW2)
+
+
+class BaselineReconstructor:
+  """R = 32 → FS with a trained baseline, one jitted forward pass per call.
+
+  The calls of `Reconstructor` where they apply: `reconstruct` (no token sampling, so no
+  `sampling`, `rng` or intermediates) and `data_consistent`.
+
+  Args:
+    model: a module of `BASELINES` (`unet.Unet`, E2E-VarNet).
+    params: its params (bare or as `{"params": ...}`).
+    single_coil: the k-space it was trained on is single-coil (E2E-VarNet's single-coil variant).
+    consistency: default data-consistency settings.
+  """
+
+  def __init__(
+    self,
+    model,
+    params,
+    *,
+    single_coil: bool = False,
+    consistency: ConsistencyConfig = ConsistencyConfig(),
+  ):
+    self.model = model
+    self.variables = _as_variables(params)
+    self.single_coil = bool(single_coil)
+    self.consistency = consistency
+    self._fn = jax.jit(functools.partial(baseline_reconstruct, model))
+    self._dc = jax.jit(data_consistency, static_argnames=("consistency",))
+
+  @property
+  def reads_kspace(self) -> bool:
+    return reads_kspace(self.model)
+
+  def reconstruct(
+    self,
+    x_r32_BHW2: jax.Array,
+    family_B: jax.Array | None = None,
+    *,
+    kspace_BVHW2: jax.Array | None = None,
+    mask_BHW: jax.Array | None = None,
+  ) -> jax.Array:
+    """The reconstruction `[B, H, W, 2]` (`baseline_reconstruct`); `family_B` is unused (the
+    baselines are not told the mask family)."""
+    del family_B
+    return self._fn(self.variables, x_r32_BHW2, kspace_BVHW2, mask_BHW)
+
+  def data_consistent(
+    self,
+    x_hat_BHW2: jax.Array,
+    x_r32_BHW2: jax.Array,
+    mask_BHW: jax.Array,
+    maps_BCHW2: jax.Array | None = None,
+    consistency: ConsistencyConfig | None = None,
+  ) -> jax.Array:
+    """`data_consistency` (jitted) with this reconstructor's default settings."""
+    return self._dc(
+      x_hat_BHW2,
+      x_r32_BHW2,
+      mask_BHW,
+      maps_BCHW2,
+      consistency=self.consistency if consistency is None else consistency,
+    )
+
+  __call__ = reconstruct
+
+
 __all__: Sequence[str] = (
   "ARGMAX",
+  "BASELINES",
   "MULTINOMIAL",
+  "BaselineReconstructor",
   "ConsistencyConfig",
   "Reconstructor",
   "SamplingConfig",
+  "baseline_forward",
+  "baseline_image",
+  "baseline_reconstruct",
   "data_consistency",
   "filter_logits",
+  "init_baseline",
   "init_cache",
+  "make_baseline",
+  "reads_kspace",
   "reconstruct",
   "rollout",
   "sample_tokens",

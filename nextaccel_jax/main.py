@@ -49,21 +49,25 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _stages() -> dict:
   # Imported here so `--help` and config errors do not pay for loading every stage.
-  from nextaccel_jax.stages import data as data_stage
   from nextaccel_jax.stages import (
+    ablations,
+    baseline,
     evaluate,
     pipeline,
     stage1_aqvae,
     stage2_transformer,
     stage3_distill,
   )
+  from nextaccel_jax.stages import data as data_stage
 
   return {
     "data": data_stage.run,
     "aqvae": stage1_aqvae.train_and_evaluate,
     "transformer": stage2_transformer.train_and_evaluate,
     "distill": stage3_distill.train_and_evaluate,
+    "baseline": baseline.train_and_evaluate,
     "evaluate": evaluate.run,
+    "ablations": ablations.run,
     "pipeline": pipeline.run,
   }
 

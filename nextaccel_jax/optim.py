@@ -7,6 +7,8 @@
 - `optimizer_from_config`: both from a config's `optim` section.
 - `trainable_mask` / `mask_frozen`: which transformer parameters the optimizer may update (the
   context encoder copied from stage 1 can be frozen; its unused output head always is).
+- `step_schedule` / `baseline_optimizer`: the U-Net and E2E-VarNet recipes of fastMRI (RMSprop
+  or Adam as PyTorch defines them, step decay).
 """
 
 from __future__ import annotations
@@ -207,3 +209,66 @@ def transformer_optimizer(optim, total_steps: int, trainable_context_encoder: bo
   """`optimizer_from_config` with the frozen parts of the transformer masked out."""
   tx, schedule = optimizer_from_config(optim, total_steps)
   return mask_frozen(tx, trainable_context_encoder), schedule
+
+
+# ------------------------------------------------------------------------------------------------
+# The baselines' recipes (fastMRI's U-Net and E2E-VarNet modules)
+
+BASELINE_OPTIMIZERS = ("rmsprop", "adam")
+
+
+def step_schedule(
+  *, base_lr: float, total_steps: int, decay_at: Sequence[float] = (0.8,), factor: float = 0.1
+) -> optax.Schedule:
+  """PyTorch's `StepLR`/`MultiStepLR` counted in optimizer steps: `base_lr`, multiplied by
+  `factor` once `round(f · total_steps)` updates have been applied, for each `f` in `decay_at`.
+
+  fastMRI decays ×0.1 after 40 of its 50 epochs, i.e. `decay_at=(0.8,)`.
+
+  Raises:
+    ValueError: For a non-positive length or a decay point outside (0, 1].
+  """
+  if total_steps <= 0:
+    raise ValueError(f"total_steps must be positive, got {total_steps}")
+  bad = [f for f in decay_at if not 0.0 < f <= 1.0]
+  if bad:
+    raise ValueError(f"decay_at must lie in (0, 1] (fractions of the run), got {bad}")
+  boundaries: dict[int, float] = {}
+  for f in decay_at:
+    b = max(int(round(f * total_steps)), 1)
+    boundaries[b] = boundaries.get(b, 1.0) * factor
+  return optax.piecewise_constant_schedule(base_lr, boundaries)
+
+
+def baseline_optimizer(optim, total_steps: int):
+  """`(tx, schedule)` of a baseline's `optim` section (name, lr, decay_at, decay_factor,
+  weight_decay, grad_clip): RMSprop or Adam with PyTorch's definitions and defaults, and the
+  step schedule.
+
+  PyTorch's RMSprop keeps `alpha = 0.99` and adds `eps` outside the square root; its
+  `weight_decay` is an L2 term added to the gradient before the update (not AdamW's decoupled
+  decay), which `add_decayed_weights` ahead of the optimizer reproduces.
+  """
+  if optim.name not in BASELINE_OPTIMIZERS:
+    raise ValueError(
+      f"config.optim.name must be one of {', '.join(BASELINE_OPTIMIZERS)}, got {optim.name!r}"
+    )
+  try:
+    schedule = step_schedule(
+      base_lr=optim.lr,
+      total_steps=total_steps,
+      decay_at=tuple(optim.decay_at),
+      factor=optim.decay_factor,
+    )
+  except ValueError as e:
+    raise ValueError(f"config.optim (decay_at={tuple(optim.decay_at)}): {e}") from e
+  parts = []
+  if optim.grad_clip and optim.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(optim.grad_clip))
+  if optim.weight_decay:
+    parts.append(optax.add_decayed_weights(optim.weight_decay))
+  if optim.name == "rmsprop":
+    parts.append(optax.rmsprop(schedule, decay=0.99, eps=1e-8, eps_in_sqrt=False))
+  else:
+    parts.append(optax.adam(schedule, b1=0.9, b2=0.999, eps=1e-8))
+  return optax.chain(*parts), schedule

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from nextaccel_jax import sharding
+from nextaccel_jax.data import fastmri_brain_multiscale
 from nextaccel_jax.models import aqvae, transformer
-from nextaccel_jax.stages import common, stage1_aqvae, stage2_transformer, stage3_distill
+from nextaccel_jax.stages import baseline, common, stage1_aqvae, stage2_transformer, stage3_distill
 
 # Tiny sizes the model tests share: a 64² image → 16² latent tokenizer with 64 codes and a
 # two-block transformer whose blocks both read the 16² context (the 64² level costs most of a
@@ -90,20 +91,26 @@ def random_tokenizer_variables(model: aqvae.AQVAE, image_size: int, seed: int = 
 # ------------------------------------------------------------------------------------------------
 # A stage's train step with random weights
 
-STAGES = ("aqvae", "transformer", "distill")
+STAGES = ("aqvae", "transformer", "distill", "baseline")
 
 
 def stage_step(
   stage: str, config, mesh, total_steps: int = 1000, seed: int = 0
 ) -> common.StageStep:
-  """The train step of `stage` ("aqvae", "transformer" or "distill") for `config` on `mesh`.
+  """The train step of `stage` ("aqvae", "transformer", "distill" or "baseline") for `config`
+  on `mesh`.
 
   The stage's own `build_step`; weights that a real run loads from earlier stages (the
   tokenizer, the teacher, the student's start) are random here, so no workdir or dataset is
   needed; `seed` draws them (the state itself starts from `config.seed`, as in training).
-  `step.train` is the jitted `(state, batch, *step.frozen) -> (state, metrics)`.
+  `step.train` is the jitted `(state, batch, *step.frozen) -> (state, metrics)`. A multicoil
+  E2E-VarNet's batches carry the builder's virtual coils' maps (`TrainLoader(keep_maps=True)`).
   """
   size = config.data.image_size
+  if stage == "baseline":
+    uses_maps = baseline.uses_maps(config, baseline.make_model(config))
+    coils = fastmri_brain_multiscale.MultiscaleConfig.num_virtual_coils if uses_maps else 0
+    return baseline.build_step(config, mesh, total_steps, coils)
   if stage == "aqvae":
     frozen = stage1_aqvae.load_frozen(config, stage1_aqvae.make_discriminator(config), mesh)
     return stage1_aqvae.build_step(config, mesh, frozen, total_steps)

@@ -49,6 +49,7 @@ STAGE_ORDER = (
   "stage3_distill",
   "baseline",
   "evaluate",
+  "ablations",
   "pipeline",
 )
 
@@ -63,6 +64,7 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     "evaluate",
     "pipeline",
     "baseline",
+    "ablations",
   )
 }
 

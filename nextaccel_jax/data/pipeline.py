@@ -129,8 +129,27 @@ def levels_from_batch(batch: dict, single_coil: bool = False) -> jax.Array:
   return transforms.undersample_levels(x_BHW, maps_BVHW, m_BMHW)
 
 
-def make_levels_fn(mesh: Mesh, single_coil: bool = False):
-  """Jitted batch → batch-with-levels on `mesh`, sharded over `data` in and out."""
+def r32_kspace(batch: dict, single_coil: bool = False) -> tuple[jax.Array, jax.Array]:
+  """The measured R = 32 k-space of a batch with levels: `(kspace_BVHW2, mask_BHW)`.
+
+  `k_c = M_32 ⊙ fft2c(S_c · x)` from the fully sampled level `x` (the last of `levels`), the coil
+  `maps` and the R = 32 mask (`mask_levels == 0`); V = 1 and `S = 1` with `single_coil`. It is
+  the measurement the R = 32 level was made from: `transforms.mc_adjoint` of it is `levels[:, 0]`
+  (`levels_from_batch`, and the builder's stored evaluation levels). Traceable under jit.
+  """
+  x_BHW = transforms.channels_to_complex(batch["levels"][:, -1])
+  mask_BHW = batch["mask_levels"] == 0
+  m = mask_BHW.astype(jnp.complex64)
+  if single_coil:
+    k_BVHW = (m * transforms.fft2c(x_BHW))[:, None]
+  else:
+    k_BVHW = transforms.mc_forward(x_BHW, transforms.channels_to_complex(batch["maps"]), m)
+  return transforms.complex_to_channels(k_BVHW), mask_BHW
+
+
+def make_levels_fn(mesh: Mesh, single_coil: bool = False, keep_maps: bool = False):
+  """Jitted batch → batch-with-levels on `mesh`, sharded over `data` in and out; `keep_maps`
+  passes the coil maps through (for steps that form the multicoil k-space themselves)."""
   shard = sharding.data_sharding(mesh)
 
   def add_levels(batch):
@@ -138,6 +157,8 @@ def make_levels_fn(mesh: Mesh, single_coil: bool = False):
     out = {k: v for k, v in batch.items() if k not in ("image", "maps", "mask_levels")}
     out["levels"] = levels
     out["mask_levels"] = batch["mask_levels"]
+    if keep_maps:
+      out["maps"] = batch["maps"]
     return out
 
   return jax.jit(add_levels, in_shardings=shard, out_shardings=shard)
@@ -161,7 +182,8 @@ class TrainLoader:
     levels `[B, 6, H, W, 2]` f32, mask_levels `[B, H, W]` u8, family `[B]` i32,
     acc_index `[B, 6]` i32, contrast `[B]` i32, scale `[B]` f32.
   With `compute_levels=False` the batch carries `image` and `maps` instead of `levels`, for
-  train steps that fold `levels_from_batch` into their own jitted step.
+  train steps that fold `levels_from_batch` into their own jitted step; with `keep_maps` it
+  carries `maps` `[B, V, H, W, 2]` f32 beside the levels (the baselines' multicoil k-space).
   """
 
   def __init__(
@@ -175,6 +197,7 @@ class TrainLoader:
     start_step: int = 0,
     single_coil: bool = False,
     compute_levels: bool = True,
+    keep_maps: bool = False,
     prefetch: int = 2,
     num_threads: int = 2,
   ):
@@ -192,7 +215,7 @@ class TrainLoader:
       process_count=jax.process_count(),
     )
     sharding.per_process_batch(global_batch_size, mesh)
-    self._levels_fn = make_levels_fn(mesh, single_coil) if compute_levels else None
+    self._levels_fn = make_levels_fn(mesh, single_coil, keep_maps) if compute_levels else None
     # One thread prefetches whole batches; `num_threads` decode records inside a batch. Record
     # reads and numpy work release the GIL, so threads scale on the host's cores.
     self._pool = concurrent.futures.ThreadPoolExecutor(1)
@@ -327,13 +350,16 @@ def zero_filled_magnitudes(levels_L_HW2: np.ndarray | jnp.ndarray) -> np.ndarray
   return np.abs(transforms.channels_to_complex(np.asarray(levels_L_HW2)))
 
 
-def train_batch_spec(global_batch_size: int, image_size: int, mesh: Mesh) -> dict:
+def train_batch_spec(
+  global_batch_size: int, image_size: int, mesh: Mesh, num_coils: int = 0
+) -> dict:
   """Shapes, dtypes and sharding of a `TrainLoader` batch (levels computed), so that a train step
-  can be compiled ahead of time before any record is read."""
+  can be compiled ahead of time before any record is read; `num_coils > 0` adds the `maps` of a
+  `keep_maps` loader."""
   b, n, k = global_batch_size, image_size, transforms.NUM_LEVELS
   shard = sharding.data_sharding(mesh)
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=shard)
-  return {
+  out = {
     "family": spec((b,), np.int32),
     "contrast": spec((b,), np.int32),
     "scale": spec((b,), np.float32),
@@ -341,3 +367,6 @@ def train_batch_spec(global_batch_size: int, image_size: int, mesh: Mesh) -> dic
     "levels": spec((b, k, n, n, 2), np.float32),
     "mask_levels": spec((b, n, n), np.uint8),
   }
+  if num_coils > 0:
+    out["maps"] = spec((b, num_coils, n, n, 2), np.float32)
+  return out

@@ -2,6 +2,7 @@
 
 - `metrics`: PSNR, SSIM and NMSE under the paper and fastMRI protocols (numpy).
 - `lpips_metric`: LPIPS on magnitude images under the same protocols (a JAX network).
+- `dists_metric`: DISTS on magnitude images, prepared as for LPIPS (needs dists-pytorch's weights).
 - `evaluators`: the accumulators every stage's validation and the evaluation stage share.
 - `report`: tables, per-slice CSV and figure grids from the accumulated scores.
 """

@@ -2,7 +2,7 @@
 
 Shape legend: S slices, H×W image grid, B batch, L sequence positions.
 
-- `score_slices`: PSNR, SSIM, NMSE and LPIPS of one group of slices under one protocol.
+- `score_slices`: PSNR, SSIM, NMSE, LPIPS and DISTS of one group of slices under one protocol.
 - `ImageScores`: per-slice image scores by row (what is compared: a model, `zero_filled`, ...)
   and mask family. Slices are scored in groups: given the split's `slices` table, a volume is
   scored once its last slice has arrived (the unit of the `fastmri` protocol), so only the open
@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from nextaccel_jax.data import masks
-from nextaccel_jax.evaluation import lpips_metric, metrics
+from nextaccel_jax.evaluation import dists_metric, lpips_metric, metrics
 
 VOLUME_PROTOCOLS = metrics.VOLUME_PROTOCOLS
 
@@ -37,19 +37,29 @@ def lpips_nets(nets) -> tuple[str, ...]:
   return nets
 
 
-def score_slices(gt_SHW, pred_SHW, protocol: str = "paper", lpips=()) -> dict:
-  """`metrics.evaluate_slices` plus `lpips_<net>` for each of `lpips` (validated once).
+def score_slices(gt_SHW, pred_SHW, protocol: str = "paper", lpips=(), dists: bool = False) -> dict:
+  """`metrics.evaluate_slices` plus `lpips_<net>` for each of `lpips` (validated once) and
+  `dists` when asked.
 
   Returns:
-    float64 arrays `[S]` under `paper`; floats under `fastmri` (LPIPS: the mean over slices, as
-    fastMRI averages SSIM).
+    float64 arrays `[S]` under `paper`; floats under `fastmri` (LPIPS and DISTS: the mean over
+    slices, as fastMRI averages SSIM).
+
+  Raises:
+    FileNotFoundError: With `dists` when dists-pytorch is not installed.
   """
   nets = lpips_nets(lpips)
   gt, pred, _ = metrics.prepare(gt_SHW, pred_SHW, protocol, with_ssim=True)
   scores = metrics.prepared_scores(gt, pred, protocol)
+  perceptual = {}
   for net in nets:
-    values = lpips_metric.lpips_prepared(gt, pred, protocol, net, lpips_metric.DEFAULT_BATCH_SIZE)
-    scores[f"lpips_{net}"] = float(values.mean()) if protocol in VOLUME_PROTOCOLS else values
+    batch = lpips_metric.DEFAULT_BATCH_SIZE
+    perceptual[f"lpips_{net}"] = lpips_metric.lpips_prepared(gt, pred, protocol, net, batch)
+  if dists:
+    batch = dists_metric.DEFAULT_BATCH_SIZE
+    perceptual["dists"] = dists_metric.dists_prepared(gt, pred, protocol, batch)
+  for name, values in perceptual.items():
+    scores[name] = float(values.mean()) if protocol in VOLUME_PROTOCOLS else values
   return scores
 
 
@@ -63,6 +73,7 @@ class ImageScores:
   Attributes:
     protocols: Metric protocols each group is scored under.
     nets: LPIPS nets (`lpips_<net>` keys).
+    dists: Whether DISTS is scored (`dists` key).
   """
 
   def __init__(
@@ -70,18 +81,27 @@ class ImageScores:
     protocols: Sequence[str] = ("paper",),
     lpips: Sequence[str] = ("alex",),
     slices: Mapping[int, dict] | None = None,
+    *,
+    dists: bool = False,
   ):
     """Args:
     protocols: Protocols of `metrics.PROTOCOLS`.
     lpips: LPIPS net names (empty for none).
     slices: `{record: {"file_name", "slice_index", ...}}` of the split: slices are then grouped
       by volume (ordered by `slice_index`) and `add` needs their records.
+    dists: Also score DISTS; needs dists-pytorch (`dists_metric.available()`).
+
+    Raises:
+      FileNotFoundError: With `dists` when dists-pytorch is not installed, before any scoring.
     """
     self.protocols = tuple(protocols)
     bad = [p for p in self.protocols if p not in metrics.PROTOCOLS]
     if bad or not self.protocols:
       raise ValueError(f"protocols must be a non-empty subset of {metrics.PROTOCOLS}, got {bad}")
     self.nets = lpips_nets(lpips)
+    self.dists = bool(dists)
+    if self.dists and not dists_metric.available():
+      raise FileNotFoundError(f"DISTS is {dists_metric.status()}")
     self.slices = slices
     self._volume_size: dict[str, int] = {}
     for info in (slices or {}).values():
@@ -132,7 +152,7 @@ class ImageScores:
     values = {}
     for protocol in self.protocols:
       try:
-        scores = score_slices(target_SHW, pred_SHW, protocol, self.nets)
+        scores = score_slices(target_SHW, pred_SHW, protocol, self.nets, self.dists)
       except ValueError as e:
         where = f"records {records}" if records is not None else f"a batch of {n} slices"
         if records is not None:
@@ -172,11 +192,12 @@ class ImageScores:
     """Means over all slices and per family: `{row}/{name}` and `{row}/{family}/{name}`.
 
     Args:
-      names: Metric names (`lpips_<net>` are added for every net).
+      names: Metric names (`lpips_<net>` are added for every net, `dists` when scored).
       protocol: Which protocol's values (the first by default).
     """
     protocol = protocol or self.protocols[0]
-    cols = [f"{protocol}/{n}" for n in (*names, *(f"lpips_{net}" for net in self.nets))]
+    extra = (*(f"lpips_{net}" for net in self.nets), *(("dists",) if self.dists else ()))
+    cols = [f"{protocol}/{n}" for n in (*names, *extra)]
     out = {}
     for row, overall in self._all.items():
       for col in cols:

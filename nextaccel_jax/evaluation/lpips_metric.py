@@ -54,14 +54,35 @@ def _distance_fn(net: str):
   return jax.jit(dist)
 
 
-def _normalised(gt: np.ndarray, pred: np.ndarray, protocol: str) -> tuple[np.ndarray, np.ndarray]:
-  """Both volumes on the protocol's [0, 1] scale, float32 `[S, H, W]`."""
+def normalised(gt: np.ndarray, pred: np.ndarray, protocol: str) -> tuple[np.ndarray, np.ndarray]:
+  """Both volumes on the protocol's [0, 1] scale, float32 `[S, H, W]`, not yet clipped (the
+  networks' input preparation clips). Also the input of `dists_metric`."""
   if protocol == "fastmri":
     peak = gt.max()
     return (gt / peak).astype(np.float32), (pred / peak).astype(np.float32)
   gt_peak = np.array([metrics.peak(g) for g in gt])[:, None, None]
   pred_peak = np.array([metrics.peak(p) for p in pred])[:, None, None]
   return (gt / gt_peak).astype(np.float32), (pred / pred_peak).astype(np.float32)
+
+
+def batched(fn, params, gt32: np.ndarray, pred32: np.ndarray, batch_size: int) -> np.ndarray:
+  """`fn(pred, gt, params)` over slice batches, float64 `[S]`.
+
+  Padding the last batch keeps one compiled shape per volume size.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  num = gt32.shape[0]
+  batch = min(batch_size, num)
+  out = np.empty(num)
+  for start in range(0, num, batch):
+    g, p = gt32[start : start + batch], pred32[start : start + batch]
+    n = g.shape[0]
+    if n < batch:
+      pad = ((0, batch - n), (0, 0), (0, 0))
+      g, p = np.pad(g, pad), np.pad(p, pad)
+    out[start : start + n] = np.asarray(fn(p, g, params))[:n]
+  return out
 
 
 def lpips_prepared(
@@ -77,21 +98,8 @@ def lpips_prepared(
     raise ValueError(
       f"gt has image size {gt.shape[-2:]}; LPIPS-{net} needs at least {size}×{size} pixels"
     )
-  gt32, pred32 = _normalised(gt, pred, protocol)
-  params = _device_params(net)
-  fn = _distance_fn(net)
-  num = gt32.shape[0]
-  batch = min(batch_size, num)
-  out = np.empty(num)
-  for start in range(0, num, batch):
-    g, p = gt32[start : start + batch], pred32[start : start + batch]
-    n = g.shape[0]
-    if n < batch:
-      # Padding the last batch keeps one compiled shape per volume size.
-      pad = ((0, batch - n), (0, 0), (0, 0))
-      g, p = np.pad(g, pad), np.pad(p, pad)
-    out[start : start + n] = np.asarray(fn(p, g, params))[:n]
-  return out
+  gt32, pred32 = normalised(gt, pred, protocol)
+  return batched(_distance_fn(net), _device_params(net), gt32, pred32, batch_size)
 
 
 def lpips(

@@ -43,7 +43,9 @@ def _metric_info(metric: str) -> tuple[str, bool, int]:
     return "NMSE", False, 4
   if metric.startswith("lpips_"):
     return f"LPIPS-{metric.removeprefix('lpips_')}", False, 4
-  raise ValueError(f"unknown metric {metric!r}; expected psnr, ssim, nmse or lpips_<net>")
+  if metric == "dists":
+    return "DISTS", False, 4
+  raise ValueError(f"unknown metric {metric!r}; expected psnr, ssim, nmse, lpips_<net> or dists")
 
 
 def row_name(model: str, decoding: str) -> str:
@@ -245,6 +247,97 @@ def decoding_table(
   return _markdown(header, labels, _cells(metrics, rows, columns))
 
 
+# Mask families under the names the paper's tables print.
+PAPER_FAMILY_NAMES = {
+  "gaussian_2d": "Gaussian-VD",
+  "cartesian_x": "ES Cartesian-X",
+  "cartesian_y": "ES Cartesian-Y",
+  "radial": "Radial",
+}
+
+
+def ablation_table(
+  metrics: Mapping,
+  rows: Sequence[str],
+  labels: Sequence[str],
+  families: Sequence[str],
+  protocol: str,
+  metric_names: Sequence[str],
+) -> str:
+  """The paper's Table 4 layout: rows = variants, one column group per mask family with each
+  metric's mean over all contrasts (the `summarize` keys without a contrast), means only, the
+  best value per column in bold (judged on the displayed rounding, so ties are bold together).
+
+  Args:
+    metrics: the flat dict of `summarize`; rows of several evaluations may be merged into it.
+    rows: row names (`row_name(model, decoding)`), top to bottom.
+    labels: what the first column shows for each row, e.g. "w/o Cross-Attention".
+    families: mask families, one column group each, in order.
+    protocol: the metric protocol.
+    metric_names: the metrics of every group, e.g. `("psnr", "ssim", "lpips_alex")`.
+  """
+  if len(labels) != len(rows):
+    raise ValueError(f"{len(rows)} rows but {len(labels)} labels")
+  header = ["Variant"]
+  cells = [[] for _ in rows]
+  for family in families:
+    for metric in metric_names:
+      header.append(f"{PAPER_FAMILY_NAMES.get(family, family)} {_metric_header(metric)}")
+      _, higher, decimals = _metric_info(metric)
+      shown = {}
+      for i, row in enumerate(rows):
+        mean = metrics.get(f"{row}/{family}/{protocol}/{metric}")
+        if mean is not None and np.isfinite(mean):
+          shown[i] = round(float(mean), decimals)
+      best = (max if higher else min)(shown.values()) if shown else None
+      for i in range(len(rows)):
+        text = f"{shown[i]:.{decimals}f}" if i in shown else "–"
+        cells[i].append(f"**{text}**" if i in shown and shown[i] == best else text)
+  return _markdown(header, labels, cells)
+
+
+def winners(
+  metrics: Mapping, rows: Sequence[str], family: str, protocol: str, metric: str
+) -> tuple[list[str], float | None]:
+  """`(rows, value)`: the rows with the best mean of `metric` over all contrasts, judged on the
+  displayed rounding as the tables' bold is (so ties are all listed); `([], None)` when no row
+  has a finite value."""
+  _, higher, decimals = _metric_info(metric)
+  means = {}
+  for row in rows:
+    value = metrics.get(f"{row}/{family}/{protocol}/{metric}")
+    if value is not None and np.isfinite(value):
+      means[row] = round(float(value), decimals)
+  if not means:
+    return [], None
+  best = (max if higher else min)(means.values())
+  return [r for r, m in means.items() if m == best], best
+
+
+def winners_table(
+  metrics: Mapping,
+  rows: Sequence[str],
+  families: Sequence[str],
+  protocols: Sequence[str],
+  metric_names: Sequence[str],
+) -> str:
+  """Markdown table of which row wins each metric: one line per mask family × protocol, one
+  column per metric, each cell the winning row(s) and the value (`winners`)."""
+  header = ["Mask", "Protocol", *(_metric_header(m) for m in metric_names)]
+  labels, cells = [], []
+  for family in families:
+    for protocol in protocols:
+      line = [f"`{protocol}`"]
+      for metric in metric_names:
+        best_rows, value = winners(metrics, rows, family, protocol, metric)
+        decimals = _metric_info(metric)[2]
+        names = ", ".join(row_label(r) for r in best_rows)
+        line.append(f"{names} ({value:.{decimals}f})" if best_rows else "–")
+      labels.append(family)
+      cells.append(line)
+  return _markdown(header, labels, cells)
+
+
 def render_report(
   metrics: Mapping,
   *,
@@ -256,6 +349,7 @@ def render_report(
   contrasts: Sequence[str],
   metric_names: Sequence[str],
   title: str = "Evaluation",
+  single_decoding: Sequence[str] = (),
 ) -> str:
   """The whole `report.md`.
 
@@ -268,6 +362,8 @@ def render_report(
     contrasts: contrast names present, in dataset order.
     metric_names: metrics of the tables, e.g. `("psnr", "ssim", "lpips_alex")`.
     title: the level-1 heading.
+    single_decoding: models scored under the first decoding only (the baselines, which sample
+      no tokens); they are left out of the decoding-variant tables.
   """
   lines = [f"# {title}", ""]
   lines += [f"- **{k}**: {v}" for k, v in header.items()]
@@ -278,13 +374,19 @@ def render_report(
     "mean and std run over volumes. Best value per column in bold."
   )
   main_rows = [ZERO_FILLED] + [row_name(m, decodings[0]) for m in models]
-  all_rows = [row_name(m, d) for m in models for d in decodings]
+  all_rows = [row_name(m, d) for m in models if m not in single_decoding for d in decodings]
+  lines += ["", "## Winners", ""]
+  lines.append(
+    f"The best row of each mask family's table (all contrasts, decoding: {decodings[0]}) per "
+    "metric and protocol; ties list every row."
+  )
+  lines += ["", winners_table(metrics, main_rows, families, protocols, metric_names)]
   for protocol in protocols:
     lines += ["", f"## Protocol `{protocol}`"]
     for family in families:
       lines += ["", f"### {family} (decoding: {decodings[0]})", ""]
       lines.append(family_table(metrics, main_rows, family, protocol, contrasts, metric_names))
-    if len(decodings) > 1:
+    if len(decodings) > 1 and all_rows:
       lines += ["", f"### Decoding variants (`{protocol}`, all contrasts)", ""]
       lines.append(decoding_table(metrics, all_rows, families, protocol, metric_names))
   bad = sorted(k for k in metrics if k.endswith("_nonfinite"))

@@ -126,6 +126,12 @@ class AQVAE(nn.Module):
     f, feats = self.encode(levels_BKHW2.reshape(b * k, *levels_BKHW2.shape[2:]), acc, fam)
     return f.reshape(b, k, *f.shape[1:]), feats
 
+  def codebook_latents(self, levels_BKHW2: jax.Array, family_B: jax.Array) -> jax.Array:
+    """The latents the six levels are quantised from, `[B·Σ_k pn_k², Z]` float32: what the
+    codebook is initialised from (`quantizer.kmeans_plus_plus`)."""
+    f_BKhwZ, _ = self.encode_levels(levels_BKHW2, family_B)
+    return self.quantize.scale_latents(f_BKhwZ)
+
   def __call__(
     self,
     levels_BKHW2: jax.Array,

@@ -142,10 +142,14 @@ class _Features(nn.Module):
         )(h)
         h = nn.relu(h)
       elif op[0] == "pool":
-        h = nn.max_pool(h, (op[1], op[1]), strides=(op[2], op[2]), padding="VALID")
+        h = self._pool(h, op[1], op[2])
       else:
         taps.append(h)
     return tuple(taps), dict(zip(self._tap_names, taps, strict=True))
+
+  def _pool(self, h: jax.Array, window: int, stride: int) -> jax.Array:
+    """torchvision's pooling; a trunk with another pooling at the same places overrides it."""
+    return nn.max_pool(h, (window, window), strides=(stride, stride), padding="VALID")
 
 
 class AlexNetFeatures(_Features):
@@ -460,13 +464,17 @@ def _clip01(x: jax.Array) -> jax.Array:
 
 
 def magnitude_to_rgb(
-  pred_BHW: jax.Array, target_BHW: jax.Array, scaling: str = "target"
+  pred_BHW: jax.Array,
+  target_BHW: jax.Array,
+  scaling: str = "target",
+  value_range: tuple[float, float] = (-1.0, 1.0),
 ) -> tuple[jax.Array, jax.Array]:
-  """Maps magnitude images to the [-1, 1] RGB input of LPIPS.
+  """Maps magnitude images to the [-1, 1] RGB input of LPIPS (or another range).
 
   Each image is divided by a normaliser, clipped to [0, 1], mapped by 2x − 1 and repeated to three
   channels (fastmri_spec.md §2.4; biomedclip_lpips_spec.md §3.5, §4.1). No resizing: both trunks
-  are fully convolutional and LPIPS averages over space.
+  are fully convolutional and LPIPS averages over space. `models.dists` takes the same images on
+  [0, 1].
 
   Args:
     pred_BHW: Predicted magnitudes `[B, H, W]`.
@@ -474,6 +482,8 @@ def magnitude_to_rgb(
     scaling: "target" (both over the target's maximum, without gradient: the training loss, so
       a global intensity error counts), "each" (each over its own maximum: the `paper` metric
       protocol), or "none" (inputs are already on a [0, 1] scale).
+    value_range: `(lo, hi)` that the clipped [0, 1] values are mapped onto, `lo + (hi − lo) x`;
+      (-1, 1) is 2x − 1 bit for bit, (0, 1) leaves them as they are.
 
   Returns:
     `(pred_BHWC, target_BHWC)` float32 with C = 3.
@@ -492,8 +502,12 @@ def magnitude_to_rgb(
   elif scaling == "each":
     pred, target = pred / _peak_B11(pred), target / _peak_B11(target)
 
+  lo, hi = (float(v) for v in value_range)
+  if not hi > lo:
+    raise ValueError(f"value_range must be (lo, hi) with hi > lo, got {value_range}")
+
   def to_rgb(x_BHW):
-    return jnp.repeat((2.0 * _clip01(x_BHW) - 1.0)[..., None], 3, axis=-1)
+    return jnp.repeat(((hi - lo) * _clip01(x_BHW) + lo)[..., None], 3, axis=-1)
 
   return to_rgb(pred), to_rgb(target)
 

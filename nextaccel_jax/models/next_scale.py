@@ -13,9 +13,14 @@ which is what the tokenizer decodes from "the first k scales" (`input_mode="prev
 `area_{pn_k}(h_{k−1})`). The student's context image is the R = 32 level, the privileged
 teacher's the fully sampled one (`context_image`).
 
+The token grids are the transformer's `patch_nums`; `tokenizer_at` gives the tokenizer that
+tokenises at them, which for the "w/o Token Hierarchy" ablation (`flat_tokens`) is the trained
+hierarchical tokenizer tokenising every level at the full 16² grid (see there).
+
 All functions are pure and usable inside `jax.jit` (the modules are static, their variables are
 arguments):
 
+  tokenizer_at(tokenizer, patch_nums) -> the same tokenizer at the transformer's token grids
   r32_tokens(tokenizer, tokenizer_variables, x_r32_BHW2, family_B) -> idx_Bl (Q32)
   tokenize_levels(tokenizer, tokenizer_variables, levels_BKHW2, family_B) -> [idx_Bl] * K
   lookup_contributions(tokenizer, tokenizer_variables, idx_list, first_scale=0) -> [h_BhwZ]
@@ -51,6 +56,42 @@ from flax import traverse_util
 from nextaccel_jax.models import aqvae as aqvae_lib
 from nextaccel_jax.models.quantizer import PATCH_NUMS, area_matrix, resize
 from nextaccel_jax.models.transformer import INPUT_MODES
+
+
+def tokenizer_at(tokenizer: aqvae_lib.AQVAE, patch_nums: Sequence[int]) -> aqvae_lib.AQVAE:
+  """The tokenizer tokenising at the token grids `patch_nums`, with the same variables.
+
+  The tokenizer itself when the grids are its own. Otherwise a clone whose quantizer resizes
+  each level's latent to `patch_nums[k]`: the grids change no variable (the codebook and the
+  `num_phi` Phi convs have no grid in their shapes), so the trained variables apply unchanged.
+
+  The "w/o Token Hierarchy" ablation (`transformer.flat_tokens`, paper Table 4: flat 16 × 16
+  tokens at every scale) uses this with `(16,) * 6`: it reuses the trained hierarchical
+  tokenizer rather than training a flat one, so that all of Table 4's rows come from one stage-1
+  run and differ only in the transformer. That is a fair reading of the ablation, whose question
+  is what the transformer gains from a coarse-to-fine token hierarchy: holding the tokenizer
+  fixed isolates exactly that, and nothing outside what stage 1 trained is used. Every level is
+  still encoded with its own acceleration label; at 16² the area resize is the identity, as the
+  quantizer applies it to QFS, so the shared codebook was fitted to full-grid latents; scale k
+  keeps its Phi conv (VAR's map depends on the scale index only, `quantizer.phi_index`); and the
+  decoder still decodes the mean of six contributions on the 16² grid. The one difference from a
+  retrained flat tokenizer: there the coarse scales' Phi convs and the decoder would have seen
+  full-grid contributions in training, where these saw bicubic-upsampled, smoother ones, so the
+  row measures the flat layout under the hierarchy's tokenizer.
+
+  Raises:
+    ValueError: grids that are not one per scale or exceed the latent side (the last grid).
+  """
+  patch_nums = tuple(int(p) for p in patch_nums)
+  own = tuple(int(p) for p in tokenizer.patch_nums)
+  if patch_nums == own:
+    return tokenizer
+  if len(patch_nums) != len(own) or patch_nums[-1] != own[-1] or max(patch_nums) > own[-1]:
+    raise ValueError(
+      f"token grids {patch_nums} do not fit the tokenizer's {own}: one per scale, none larger "
+      f"than the latent side {own[-1]}, the last equal to it"
+    )
+  return tokenizer.clone(patch_nums=patch_nums)
 
 
 def r32_tokens(tokenizer, tokenizer_variables, x_r32_BHW2, family_B) -> jax.Array:
@@ -174,13 +215,14 @@ def teacher_forcing_batch(
 ) -> dict[str, Any]:
   """Everything one teacher-forced step needs, from the six levels of a batch.
 
-  Tokenises the levels with the frozen tokenizer; the targets are scales 1..K−1 (clean). The
-  input ids are scales 0..K−2, randomised (`randomize_prefix`) when the model's
-  `prefix_noise_max` > 0 — the teacher's setting — and turned into inputs through `lookup`, so
-  the noise reaches the inputs. The context image follows the role.
+  Tokenises the levels with the frozen tokenizer at the model's token grids (`tokenizer_at`);
+  the targets are scales 1..K−1 (clean). The input ids are scales 0..K−2, randomised
+  (`randomize_prefix`) when the model's `prefix_noise_max` > 0 — the teacher's setting — and
+  turned into inputs through `lookup`, so the noise reaches the inputs. The context image
+  follows the role.
 
   Args:
-    transformer: the model (its role, input_mode and prefix_noise_max are read).
+    transformer: the model (its role, patch_nums, input_mode and prefix_noise_max are read).
     tokenizer: the stage-1 `AQVAE`.
     tokenizer_variables: its `{"params", "vq_ema"}`.
     levels_BKHW2: the six levels, R = 32 first, FS last.
@@ -188,12 +230,13 @@ def teacher_forcing_batch(
     rng: PRNG key for the prefix noise (required when prefix_noise_max > 0).
 
   Returns:
-    dict with `targets_BL` (int32, B × 990), `inputs_BLZ`, `context_BHW2`, `idx` (the six clean
+    dict with `targets_BL` (int32, B × L), `inputs_BLZ`, `context_BHW2`, `idx` (the six clean
     `idx_Bl`), `input_idx` (the five input `idx_Bl`) and `prefix_prob_B` (zeros without noise).
   """
   noisy = transformer.prefix_noise_max > 0
   if noisy and rng is None:
     raise ValueError("prefix_noise_max > 0 needs an rng")
+  tokenizer = tokenizer_at(tokenizer, transformer.patch_nums)
   idx = tokenize_levels(tokenizer, tokenizer_variables, levels_BKHW2, family_B)
   input_idx = idx[:-1]
   prob_B = jnp.zeros((levels_BKHW2.shape[0],), jnp.float32)
@@ -233,6 +276,11 @@ def insert_context_encoder(transformer_params, encoder_params):
   """
   wrapped = isinstance(transformer_params, Mapping) and "params" in transformer_params
   params = dict(_unwrap(transformer_params))
+  if "context_encoder" not in params:
+    raise ValueError(
+      "the transformer has no context encoder (cross_attention=False): there is nothing to copy "
+      "the stage-1 encoder into"
+    )
   old = traverse_util.flatten_dict(dict(params["context_encoder"]))
   new = traverse_util.flatten_dict(dict(encoder_params))
   if set(old) != set(new):
@@ -258,4 +306,5 @@ __all__: Sequence[str] = (
   "scale_input",
   "teacher_forcing_batch",
   "tokenize_levels",
+  "tokenizer_at",
 )

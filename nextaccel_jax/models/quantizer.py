@@ -240,6 +240,38 @@ def _nearest_code(z_NC: jax.Array, embed_VC: jax.Array) -> jax.Array:
   return jnp.argmin(dist_NV, axis=-1).astype(jnp.int32)
 
 
+def kmeans_plus_plus(x_NC: jax.Array, k: int, rng: jax.Array) -> jax.Array:
+  """`k` rows of `x_NC` picked by k-means++ seeding, `[k, C]` float32.
+
+  The first row is uniform over the N latents; row i is drawn with probability
+  `d_n² / Σ_m d_m²`, where `d_n` is latent n's distance to the nearest row picked so far. Every
+  pick is a real latent, so each code starts as the nearest code of at least one latent, and the
+  picks spread over the distribution: a flat background, thousands of near-identical latents,
+  gets a few codes rather than most of them. When fewer than `k` distinct latents exist the
+  remaining draws repeat picked ones. O(k·N·C) in a `fori_loop`; the draw is an inverse-CDF
+  lookup, so memory stays O(N).
+  """
+  x = x_NC.astype(jnp.float32)
+  n = x.shape[0]
+  keys = jax.random.split(rng, k)
+
+  def sq_dist_N(c_C):
+    return jnp.sum(jnp.square(x - c_C), axis=-1)
+
+  first = x[jax.random.randint(keys[0], (), 0, n)]
+  centers_kC = jnp.zeros((k, x.shape[1]), jnp.float32).at[0].set(first)
+
+  def pick(i, carry):
+    centers_kC, d2_N = carry
+    cum_N = jnp.cumsum(d2_N)
+    u = jax.random.uniform(keys[i]) * cum_N[-1]
+    c_C = x[jnp.clip(jnp.searchsorted(cum_N, u, side="right"), 0, n - 1)]
+    return centers_kC.at[i].set(c_C), jnp.minimum(d2_N, sq_dist_N(c_C))
+
+  centers_kC, _ = jax.lax.fori_loop(1, k, pick, (centers_kC, sq_dist_N(first)))
+  return centers_kC
+
+
 class MultiScaleQuantizer(nn.Module):
   """AQ-VAE quantizer: per-level area resize, shared EMA codebook, rotation trick, Phi, average.
 
@@ -335,6 +367,18 @@ class MultiScaleQuantizer(nn.Module):
     """Scale k tokenises level k's latent `f[:, k]`; returns `[idx_Bl]` coarse first."""
     self._check_levels(f_BKhwC)
     return [self.tokenize_scale(f_BKhwC[:, k], k) for k in range(len(self.patch_nums))]
+
+  def scale_latents(self, f_BKhwC: jax.Array) -> jax.Array:
+    """Every latent the codebook is matched against: level k at scale k's grid, `[N, C]`
+    float32 with N = B·Σ_k pn_k², no gradient (the sample a data-dependent codebook starts
+    from)."""
+    self._check_levels(f_BKhwC)
+    return jnp.concatenate(
+      [
+        jax.lax.stop_gradient(self._downsample(f_BKhwC[:, k], k)).reshape(-1, self.dim)
+        for k in range(len(self.patch_nums))
+      ]
+    )
 
   def lookup(self, idx_Bl: jax.Array, k: int) -> jax.Array:
     """Contribution `h_BhwC = Phi_k(bicubic(e[idx]))` of scale k's tokens (no rotation trick)."""
@@ -467,6 +511,7 @@ __all__: Sequence[str] = (
   "area_matrix",
   "bicubic_matrix",
   "combine_contributions",
+  "kmeans_plus_plus",
   "phi_index",
   "resize",
   "rotate_to",

@@ -4,7 +4,8 @@
 Shape legend:
   B  batch
   K  tokenizer scales (6: Q32, Q16, Q8, Q4, Q2, QFS); k indexes them, k = 0 is Q32
-  L  sequence positions (990 = 12² + 13² + 14² + 15² + 16², the scales k = 1..5)
+  L  sequence positions (990 = 12² + 13² + 14² + 15² + 16², the scales k = 1..5; 5 · 16² = 1280
+     with flat tokens)
   l  positions of one scale (pn_k²)
   Z  codebook / latent channels (32)
   V  vocabulary size (4096)
@@ -37,6 +38,18 @@ its acceleration label: the R = 32 image (label 0) for the student, the fully sa
 (label 5) for the privileged teacher. Each context level gets a fixed 2-D sin-cos position
 embedding (half the channels encode the row, half the column); early blocks attend to coarse
 levels, deep blocks to fine ones (`context_map`).
+
+Two fields switch parts off for the paper's component ablations (Table 4):
+
+- `cross_attention=False` ("w/o Cross-Attention"): VAR's conditioning only. There is no context
+  encoder and no cross-attention branch, so the parameter tree holds no context parameters, the
+  context image is ignored, and the model sees the R = 32 input only through its given tokens
+  Q32 and the mask family (adaLN).
+- `flat_tokens=True` ("w/o Token Hierarchy"): every scale sits on the latent's full grid,
+  `patch_nums = (16,) * 6`, so the sequence has five blocks of 256 positions (L = 1280) and the
+  block-causal mask, level and position embeddings and the KV cache follow. `from_fields` derives
+  the grids from the tokenizer; `next_scale.tokenizer_at` tokenises with the same trained
+  tokenizer at those grids (see there for why that is a fair reading of the ablation).
 
 Parameter paths follow VAR's state dict where one exists (`word_embed`, `class_emb`,
 `lvl_embed`, `pos_1LC`, `blocks_{i}/attn/{mat_qkv,q_bias,v_bias,scale_mul_1H11,proj}`,
@@ -88,7 +101,7 @@ _NEG_INF = -1e30
 
 
 def sequence_layout(patch_nums: Sequence[int] = PATCH_NUMS) -> tuple[tuple[int, int], ...]:
-  """`(begin, end)` of scale k = 1..K−1 in the 990-position sequence (index k − 1)."""
+  """`(begin, end)` of scale k = 1..K−1 in the sequence (index k − 1); L = 990 for 11² … 16²."""
   out, begin = [], 0
   for pn in patch_nums[1:]:
     out.append((begin, begin + pn * pn))
@@ -421,6 +434,7 @@ class CrossSelfBlock(nn.Module):
     init_adaln_gamma: factor on the adaLN gate weights (VAR's `alng`): small, so every block
       starts close to the identity.
     zero_init_cross_proj: start the cross-attention output projection at zero.
+    cross_attention: False leaves out the cross-attention branch (VAR's block).
     dtype: compute dtype; the residual stream, norms and softmax stay float32.
     param_dtype: parameter storage dtype.
   """
@@ -437,6 +451,7 @@ class CrossSelfBlock(nn.Module):
   init_adaln: float = 0.5
   init_adaln_gamma: float = 1e-3
   zero_init_cross_proj: bool = False
+  cross_attention: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -444,15 +459,16 @@ class CrossSelfBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     c, std = self.width, self.init_std
     residual = 1.0 / math.sqrt(2 * self.depth)
-    self.cross_attn = CrossAttention(
-      c,
-      self.num_heads,
-      self.cross_inner_dim,
-      self.attn_l2_norm,
-      std,
-      0.0 if self.zero_init_cross_proj else residual,
-      **kw,
-    )
+    if self.cross_attention:
+      self.cross_attn = CrossAttention(
+        c,
+        self.num_heads,
+        self.cross_inner_dim,
+        self.attn_l2_norm,
+        std,
+        0.0 if self.zero_init_cross_proj else residual,
+        **kw,
+      )
     self.attn = SelfAttention(c, self.num_heads, self.attn_l2_norm, std, residual, **kw)
     self.ffn = FFN(c, int(round(c * self.mlp_ratio)), std, residual, **kw)
     self.ada_lin = nn.Dense(
@@ -462,8 +478,9 @@ class CrossSelfBlock(nn.Module):
       **kw,
     )
 
-  def cross_kv(self, ctx_BNc: jax.Array):
-    return self.cross_attn.kv(ctx_BNc)
+  def cross_kv(self, ctx_BNc: jax.Array | None):
+    """The context's cross-attention keys/values; None without cross-attention."""
+    return self.cross_attn.kv(ctx_BNc) if self.cross_attention else None
 
   def _drop(self, y_BLC: jax.Array, train: bool) -> jax.Array:
     if not train or self.drop_path <= 0.0:
@@ -478,7 +495,8 @@ class CrossSelfBlock(nn.Module):
     Args:
       x_BLC: residual stream (float32).
       cond_BD: adaLN condition.
-      ctx: this block's context tokens `ctx_BNc`, or their precomputed `(k, v)`.
+      ctx: this block's context tokens `ctx_BNc`, or their precomputed `(k, v)`; None without
+        cross-attention.
       mask_LL: self-attention mask (full-sequence pass).
       cache: self-attention KV cache (cached pass); see `SelfAttention`.
       start: first sequence position of x.
@@ -491,10 +509,10 @@ class CrossSelfBlock(nn.Module):
     x = x_BLC.astype(island)
     ada = self.ada_lin(nn.silu(cond_BD.astype(self.dtype))).astype(island)
     g1, g2, s1, s2, b1, b2 = (t[:, None, :] for t in jnp.split(ada, 6, axis=-1))
-    kv = ctx if isinstance(ctx, tuple) else self.cross_kv(ctx)
-
-    h = _layer_norm(x, self.norm_eps).astype(self.dtype)
-    x = x + self._drop(self.cross_attn(h, kv).astype(island), train)
+    if self.cross_attention:
+      kv = ctx if isinstance(ctx, tuple) else self.cross_kv(ctx)
+      h = _layer_norm(x, self.norm_eps).astype(self.dtype)
+      x = x + self._drop(self.cross_attn(h, kv).astype(island), train)
 
     h = (_layer_norm(x, self.norm_eps) * (1 + s1) + b1).astype(self.dtype)
     y, aux = self.attn(h, mask_LL, cache, start)
@@ -519,7 +537,8 @@ class NextAccelTransformer(nn.Module):
     mlp_ratio: FFN hidden width / C (paper 4).
     vocab_size: codebook entries V (paper 4096).
     z_channels: codebook dimension Z of the inputs (paper 32).
-    patch_nums: token-grid side of each tokenizer scale, Q32 first.
+    patch_nums: token-grid side of each scale, Q32 first: the tokenizer's (11 … 16), or the
+      latent side repeated with `flat_tokens`.
     num_families: mask families (the adaLN condition).
     cross_inner_dim: cross-attention width; None uses `width`.
     context_levels: encoder features used as context, coarse first: keys of the encoder's
@@ -542,6 +561,11 @@ class NextAccelTransformer(nn.Module):
     zero_init_cross_proj: start every cross-attention output projection at zero.
     stop_context_grad: stop gradients at the context features (saves the encoder's backward
       pass when the encoder is frozen by `mask_frozen`).
+    cross_attention: False is the "w/o Cross-Attention" ablation: no context encoder and no
+      cross-attention layers (no context parameters at all); the model is conditioned through
+      adaLN on the mask family only, like VAR on its class, and ignores the context image.
+    flat_tokens: the "w/o Token Hierarchy" ablation: every scale on the latent's full grid.
+      `patch_nums` must then repeat one side (`from_fields` derives it from the tokenizer).
     remat: rematerialise blocks (and the encoder's blocks) in the backward pass: True, False or
       a `layers.REMAT_POLICIES` name ("full", "dots", "dots_no_batch").
     enc_ch, enc_ch_mult, enc_num_res_blocks, enc_z_channels, enc_using_sa, enc_using_mid_sa,
@@ -575,6 +599,8 @@ class NextAccelTransformer(nn.Module):
   init_head: float = 0.02
   zero_init_cross_proj: bool = False
   stop_context_grad: bool = False
+  cross_attention: bool = True
+  flat_tokens: bool = False
   remat: bool | str = False
   enc_ch: int = 160
   enc_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
@@ -620,6 +646,13 @@ class NextAccelTransformer(nn.Module):
       raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {self.input_mode!r}")
     if self.width % self.num_heads or self._cross_inner % self.num_heads:
       raise ValueError(f"width/inner {self.width}/{self._cross_inner} vs {self.num_heads} heads")
+    if self.flat_tokens and len(set(self.patch_nums)) != 1:
+      raise ValueError(
+        f"flat_tokens needs one token grid for every scale, got patch_nums {self.patch_nums} "
+        "(build the model with from_fields, which derives them from the tokenizer)"
+      )
+    if not self.cross_attention:
+      return
     cmap = self.block_context
     if len(cmap) != self.depth or not all(0 <= j < len(self.context_levels) for j in cmap):
       raise ValueError(f"context_map {cmap} must give a level of {self.context_levels} per block")
@@ -635,21 +668,22 @@ class NextAccelTransformer(nn.Module):
     c = self.width
     std = self.init_std if self.init_std is not None else math.sqrt(1.0 / (3 * c))
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.context_encoder = autoencoder.Encoder(
-      ch=self.enc_ch,
-      ch_mult=tuple(self.enc_ch_mult),
-      num_res_blocks=self.enc_num_res_blocks,
-      z_channels=self.enc_z_channels,
-      using_sa=self.enc_using_sa,
-      using_mid_sa=self.enc_using_mid_sa,
-      film=True,
-      label_features=self.enc_label_features,
-      num_accelerations=len(self.patch_nums),
-      num_families=self.num_families,
-      remat=self.remat,
-      norm_groups=self.enc_norm_groups,
-      **kw,
-    )
+    if self.cross_attention:
+      self.context_encoder = autoencoder.Encoder(
+        ch=self.enc_ch,
+        ch_mult=tuple(self.enc_ch_mult),
+        num_res_blocks=self.enc_num_res_blocks,
+        z_channels=self.enc_z_channels,
+        using_sa=self.enc_using_sa,
+        using_mid_sa=self.enc_using_mid_sa,
+        film=True,
+        label_features=self.enc_label_features,
+        num_accelerations=len(self.patch_nums),
+        num_families=self.num_families,
+        remat=self.remat,
+        norm_groups=self.enc_norm_groups,
+        **kw,
+      )
     self.class_emb = nn.Embed(self.num_families, c, embedding_init=_normal(std), **kw)
     self.word_embed = nn.Dense(c, kernel_init=_normal(std), **kw)
     self.lvl_embed = nn.Embed(len(self.patch_nums) - 1, c, embedding_init=_normal(std), **kw)
@@ -670,6 +704,7 @@ class NextAccelTransformer(nn.Module):
         init_adaln=self.init_adaln,
         init_adaln_gamma=self.init_adaln_gamma,
         zero_init_cross_proj=self.zero_init_cross_proj,
+        cross_attention=self.cross_attention,
         **kw,
       )
       for i in range(self.depth)
@@ -690,7 +725,10 @@ class NextAccelTransformer(nn.Module):
     return self.class_emb(family_B.astype(jnp.int32))
 
   def encode_context(self, context_BHW2: jax.Array, family_B: jax.Array) -> list:
-    """Context tokens per level (`ctx_BNc` + 2-D sin-cos), None for levels no block uses."""
+    """Context tokens per level (`ctx_BNc` + 2-D sin-cos), None for levels no block uses (for
+    every level without cross-attention)."""
+    if not self.cross_attention:
+      return [None] * len(self.context_levels)
     b = context_BHW2.shape[0]
     acc_B = jnp.full((b,), self.context_acc, jnp.int32)
     _, feats = self.context_encoder(
@@ -725,11 +763,12 @@ class NextAccelTransformer(nn.Module):
   def __call__(
     self, x_BLZ: jax.Array, context_BHW2: jax.Array, family_B: jax.Array, train: bool = False
   ):
-    """Teacher-forced logits for all 990 positions.
+    """Teacher-forced logits for all L positions.
 
     Args:
       x_BLZ: inputs of the five predicted scales (`build_inputs`), concatenated.
-      context_BHW2: context image `[real, imag]` (R = 32 for the student, FS for the teacher).
+      context_BHW2: context image `[real, imag]` (R = 32 for the student, FS for the teacher);
+        unused without cross-attention.
       family_B: mask-family ids.
       train: enables drop path (needs the "dropout" rng).
 
@@ -747,7 +786,8 @@ class NextAccelTransformer(nn.Module):
     return self._logits(h, cond_BD), {"cond_BD": cond_BD}
 
   def prepare(self, context_BHW2: jax.Array, family_B: jax.Array) -> dict:
-    """Per-sample state of the cached sampler: the condition and every block's context K/V."""
+    """Per-sample state of the cached sampler: the condition and every block's context K/V
+    (None per block without cross-attention)."""
     cond_BD = self.condition(family_B)
     ctx = self.encode_context(context_BHW2, family_B)
     kv = tuple(blk.cross_kv(ctx[j]) for blk, j in zip(self.blocks, self.block_context, strict=True))
@@ -772,7 +812,8 @@ class NextAccelTransformer(nn.Module):
     h = self._embed(x_BlZ, start, end)
     new_cache = []
     for blk, kv, c in zip(self.blocks, prepared["cross_kv"], cache, strict=True):
-      h, aux = blk(h, cond_BD, tuple(kv), None, tuple(c), start, False)
+      kv = None if kv is None else tuple(kv)
+      h, aux = blk(h, cond_BD, kv, None, tuple(c), start, False)
       new_cache.append(aux["cache"])
     return self._logits(h, cond_BD), tuple(new_cache)
 
@@ -810,11 +851,18 @@ def init_params(model: NextAccelTransformer, rng: jax.Array, image_size: int, ba
   return jax.jit(functools.partial(model.init, train=False))(rng, x, ctx, family)
 
 
-def context_encoder_fields(tokenizer) -> dict[str, Any]:
+def flat_patch_nums(patch_nums: Sequence[int]) -> tuple[int, ...]:
+  """Every scale on the latent's grid (the last, finest side): `(16,) * 6` for the paper."""
+  return (int(patch_nums[-1]),) * len(patch_nums)
+
+
+def context_encoder_fields(tokenizer, flat_tokens: bool = False) -> dict[str, Any]:
   """Transformer fields that must agree with the stage-1 tokenizer.
 
   Args:
     tokenizer: an `AQVAE` module or a mapping of its fields (e.g. `config.model` of stage 1).
+    flat_tokens: the transformer's `flat_tokens`: its `patch_nums` are then the tokenizer's
+      latent side repeated (`flat_patch_nums`).
 
   Returns:
     `enc_*` sizes of the context encoder plus `vocab_size`, `z_channels` and `patch_nums`.
@@ -826,6 +874,7 @@ def context_encoder_fields(tokenizer) -> dict[str, Any]:
     return getattr(tokenizer, name, default)
 
   defaults = aqvae_lib.AQVAE()
+  patch_nums = tuple(get("patch_nums", defaults.patch_nums))
   return dict(
     enc_ch=get("ch", defaults.ch),
     enc_ch_mult=tuple(get("ch_mult", defaults.ch_mult)),
@@ -837,7 +886,7 @@ def context_encoder_fields(tokenizer) -> dict[str, Any]:
     enc_norm_groups=get("norm_groups", defaults.norm_groups),
     vocab_size=get("vocab_size", defaults.vocab_size),
     z_channels=get("z_channels", defaults.z_channels),
-    patch_nums=tuple(get("patch_nums", defaults.patch_nums)),
+    patch_nums=flat_patch_nums(patch_nums) if flat_tokens else patch_nums,
   )
 
 
@@ -847,7 +896,8 @@ def from_fields(
   """The transformer of a config section or stored JSON fields (`fields.build`).
 
   The context encoder's sizes, `vocab_size`, `z_channels` and `patch_nums` are taken from the
-  tokenizer (`context_encoder_fields`), so the two always agree.
+  tokenizer (`context_encoder_fields`), so the two always agree; with `flat_tokens` the
+  `patch_nums` are the tokenizer's latent side repeated.
 
   Args:
     model_fields: `NextAccelTransformer` fields, e.g. `config.model` (dtypes may be names).
@@ -861,7 +911,8 @@ def from_fields(
   fields = dict(fields_lib.tuplify(dict(model_fields)))
   if isinstance(tokenizer_fields, Mapping):
     tokenizer_fields = fields_lib.tuplify(dict(tokenizer_fields))
-  for name, value in context_encoder_fields(tokenizer_fields).items():
+  derived = context_encoder_fields(tokenizer_fields, bool(fields.get("flat_tokens", False)))
+  for name, value in derived.items():
     if name in fields and fields[name] != value:
       raise ValueError(
         f"{where}: transformer field {name}={fields[name]!r} disagrees with the tokenizer, which "
@@ -882,6 +933,7 @@ __all__: Sequence[str] = (
   "block_causal_mask",
   "context_encoder_fields",
   "default_context_map",
+  "flat_patch_nums",
   "from_fields",
   "init_params",
   "level_ids",

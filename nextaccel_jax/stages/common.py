@@ -414,10 +414,13 @@ class StageStep:
   def __call__(self, state, batch):
     return self.train(state, batch, *self.frozen)
 
-  def compile(self, config: ml_collections.ConfigDict, mesh, name: str) -> None:
+  def compile(self, config: ml_collections.ConfigDict, mesh, name: str, num_coils: int = 0) -> None:
     """Replaces `train` by its ahead-of-time compiled form (`compile_train_step`) for the
-    config's global batch, printing its memory and stopping when it cannot fit."""
-    spec = pipeline.train_batch_spec(config.data.batch_size, config.data.image_size, mesh)
+    config's global batch (with `num_coils` coil maps when > 0), printing its memory and
+    stopping when it cannot fit."""
+    spec = pipeline.train_batch_spec(
+      config.data.batch_size, config.data.image_size, mesh, num_coils
+    )
     self.train = compile_train_step(
       self.train, (self.state, spec, *self.frozen), name=name, memory=config.get("memory")
     )
@@ -545,8 +548,16 @@ def train_loop(
   return state, last
 
 
-def loaders(config: ml_collections.ConfigDict, train_src, val_src, mesh, start_step: int):
-  """The sharded train loader (resuming at `start_step`) and the fixed validation loader."""
+def loaders(
+  config: ml_collections.ConfigDict,
+  train_src,
+  val_src,
+  mesh,
+  start_step: int,
+  with_maps: bool = False,
+):
+  """The sharded train loader (resuming at `start_step`) and the fixed validation loader; both
+  batches also carry the coil `maps` with `with_maps`."""
   train = pipeline.TrainLoader(
     train_src,
     global_batch_size=config.data.batch_size,
@@ -554,12 +565,14 @@ def loaders(config: ml_collections.ConfigDict, train_src, val_src, mesh, start_s
     seed=config.seed,
     start_step=start_step,
     single_coil=config.data.single_coil,
+    keep_maps=with_maps,
   )
   val = pipeline.EvalLoader(
     val_src,
     global_batch_size=config.eval.batch_size,
     mesh=mesh,
     max_records=config.eval.max_records or None,
+    with_maps=with_maps,
   )
   return train, val
 
@@ -590,6 +603,7 @@ def run_stage(
   postfix: Sequence[str],
   summary: str,
   written_config: ml_collections.ConfigDict | None = None,
+  with_maps: bool = False,
 ) -> dict:
   """The end of every training stage: `config.json`, the loaders, `train_loop` with the periods
   the config holds (`log_every`, `eval.every`, `ckpt.every`, `max_steps_per_run`).
@@ -609,6 +623,7 @@ def run_stage(
     postfix: Train metrics shown on the progress bar.
     summary: What the stage trains, for the log line (e.g. "student: 1,234 params").
     written_config: What `config.json` records, when it differs from `config`.
+    with_maps: Batches carry the coil maps (`loaders`).
 
   Closes the loaders, checkpointer and writer whatever happens, and writes the last validation
   metrics to `workdir/final_metrics.json`. Returns those metrics (empty when none ran).
@@ -625,7 +640,7 @@ def run_stage(
     config.data.batch_size,
     jax.device_count(),
   )
-  loader, val_loader = loaders(config, train_src, val_src, mesh, int(state.step))
+  loader, val_loader = loaders(config, train_src, val_src, mesh, int(state.step), with_maps)
   try:
     _, last = train_loop(
       state=state,
@@ -653,3 +668,29 @@ def run_stage(
     with open(os.path.join(os.fspath(workdir), "final_metrics.json"), "w", encoding="utf-8") as f:
       json.dump(last, f, indent=2)
   return last
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs of several stages (the pipeline, the ablations)
+
+
+def load_run_state(path: str | os.PathLike) -> dict:
+  """The JSON record of a multi-stage run (`{"stages": {name: {"done", "wall_s", "config"}}}`),
+  empty when the file does not exist yet."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    return {"stages": {}}
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e}); delete it to rerun every stage") from e
+
+
+def write_run_state(path: str | os.PathLike, state: dict) -> None:
+  """Writes the record atomically, so an interrupted write never leaves half a file."""
+  path = os.fspath(path)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(json.dumps(state, indent=2, default=str))
+  os.replace(tmp, path)

@@ -8,16 +8,20 @@ Design: decisions.md §7.
 Every model of `config.models` (a stage-2/3 workdir or an export folder, see
 `export.load_reconstructor`) reconstructs every slice of `config.split` from its R = 32 image
 under each mask family and each decoding variant (argmax, or sampling with a seed fixed per
-batch). The
-magnitudes are scored against the fully sampled level with PSNR, SSIM, NMSE and LPIPS under the
-`paper` protocol (per slice) and the `fastmri` protocol (per volume, grouped by `file_name`). The
-zero-filled R = 32 image is the baseline row.
+batch). A U-Net or E2E-VarNet baseline workdir (`stages/baseline.py`) is a row too: one forward
+pass per batch (E2E-VarNet reads the measured R = 32 k-space, formed from the batch's maps as in
+training), no decoding variants. The
+magnitudes are scored against the fully sampled level with PSNR, SSIM, NMSE, LPIPS and DISTS
+(`config.dists`, when dists-pytorch is installed) under the `paper` protocol (per slice) and the
+`fastmri` protocol (per volume, grouped by `file_name`). The zero-filled R = 32 image is the
+baseline row.
 
 The loader visits each family's records sorted by (file_name, slice_index), so a volume's slices
 arrive together and are scored as soon as the last one is in; only the open volumes and the
 figure slices stay in host memory.
 
-Writes into the workdir: `report.md` (tables per protocol × family like the paper's),
+Writes into the workdir: `report.md` (which row wins each metric per family and protocol, then
+tables per protocol × family like the paper's),
 `per_slice.csv`, `metrics.json` and `final_metrics.json` (the flat metrics; the second marks the
 stage as complete), and `figures/<family>.png` (+ `figures/<family>_levels.png`).
 """
@@ -28,7 +32,7 @@ import json
 import os
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import ml_collections
@@ -37,12 +41,13 @@ from absl import logging
 
 from nextaccel_jax import export, inference, losses, sharding
 from nextaccel_jax.data import fastmri, masks, pipeline
-from nextaccel_jax.evaluation import evaluators, lpips_metric, report
+from nextaccel_jax.evaluation import dists_metric, evaluators, lpips_metric, report
 from nextaccel_jax.evaluation import metrics as np_metrics
 from nextaccel_jax.stages import common
 from nextaccel_jax.stages import data as data_stage
 
-DECODINGS = ("argmax", "multinomial", "top_k", "top_p")
+# "top_k_top_p" keeps a token only if it passes both filters (the paper's top-p 0.96 + top-k 900).
+DECODINGS = ("argmax", "multinomial", "top_k", "top_p", "top_k_top_p")
 # Rows of a model with its measured R = 32 samples enforced (config.data_consistency).
 DC_SUFFIX = "+DC"
 LEVEL_NAMES = ("Q32", "+Q16", "+Q8", "+Q4", "+Q2", "+QFS")
@@ -109,6 +114,16 @@ def sampling_variants(
       out.append(
         (name, inference.SamplingConfig(greedy=False, temperature=s.temperature, top_p=s.top_p))
       )
+    elif name == "top_k_top_p":
+      if s.top_k < 1 or not 0.0 < s.top_p < 1.0:
+        raise ValueError(
+          "config.sampling.top_k must be >= 1 and config.sampling.top_p in (0, 1) for "
+          f"top_k_top_p decoding, got {s.top_k} and {s.top_p}"
+        )
+      both = inference.SamplingConfig(
+        greedy=False, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p
+      )
+      out.append((name, both))
     else:
       raise ValueError(f"config.decoding has unknown variant {name!r}; choose from {DECODINGS}")
   return out
@@ -144,9 +159,12 @@ def _check_batch(batch_size: int, mesh) -> None:
     )
 
 
-def _replicate(rec: inference.Reconstructor, mesh) -> inference.Reconstructor:
+def _replicate(rec, mesh):
   """Places the variables on every device, next to the sharded batches."""
   repl = sharding.replicated(mesh)
+  if isinstance(rec, inference.BaselineReconstructor):
+    rec.variables = jax.device_put(rec.variables, repl)
+    return rec
   rec.tokenizer_variables = jax.device_put(rec.tokenizer_variables, repl)
   rec.transformer_variables = jax.device_put(rec.transformer_variables, repl)
   return rec
@@ -205,18 +223,46 @@ def _row_label(info: dict) -> str:
   return f"{name}/{info['slice_index']} {info['contrast']}"
 
 
+_r32_kspace = jax.jit(pipeline.r32_kspace, static_argnums=1)
+
+
+def baseline_inputs(rec: inference.BaselineReconstructor, batch: dict) -> dict:
+  """What a baseline reads beside the R = 32 image: E2E-VarNet's measured R = 32 k-space and
+  mask, formed from the batch's fully sampled level and maps as in training; nothing for the
+  U-Net."""
+  if not rec.reads_kspace:
+    return {}
+  fields = ("levels", "mask_levels") + (() if rec.single_coil else ("maps",))
+  kspace, mask = _r32_kspace({k: batch[k] for k in fields}, rec.single_coil)
+  return {"kspace_BVHW2": kspace, "mask_BHW": mask}
+
+
 # ------------------------------------------------------------------------------------------------
 # Stage
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str | os.PathLike,
+  header_notes: Mapping[str, str] | None = None,
+) -> dict:
   """Evaluates `config.models` on `config.split`; writes the report files and returns the flat
-  metrics (keys like `distilled/argmax/gaussian_2d/paper/ssim` and `zero_filled/...`)."""
+  metrics (keys like `distilled/argmax/gaussian_2d/paper/ssim` and `zero_filled/...`).
+
+  `header_notes` are further `{field: text}` lines of the report's header (the pipeline's
+  training budgets)."""
   start_time = time.time()
   workdir = pathlib.Path(workdir)
   models = model_sources(config)
   decodings = sampling_variants(config)
   families, protocols, nets = _settings(config)
+  # DISTS needs trained weights that only dists-pytorch ships: without them the report says so
+  # rather than failing a run that only lacks this one column.
+  want_dists = bool(config.get("dists", False))
+  dists_note = dists_metric.status() if want_dists else "off"
+  use_dists = dists_note == "on"
+  if want_dists and not use_dists:
+    logging.warning("DISTS is %s", dists_note)
   mesh = sharding.mesh_from_config(config)
   _check_batch(config.batch_size, mesh)
   if config.max_records < 0:
@@ -240,7 +286,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     except Exception as e:
       e.add_note(f"while loading config.models.{name}={src}")
       raise
-    if getattr(rec.transformer, "role", "student") != "student":
+    is_transformer = isinstance(rec, inference.Reconstructor)
+    if is_transformer and getattr(rec.transformer, "role", "student") != "student":
       raise ValueError(
         f"config.models.{name}={src} is a {rec.transformer.role}; its context is the fully "
         "sampled image, so it cannot reconstruct from R = 32 alone. Evaluate students."
@@ -259,13 +306,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   row_models = [m for m, _ in models]
   if consistency is not None:
     row_models += [m + DC_SUFFIX for m, _ in models]
+  # U-Net / E2E-VarNet rows: one forward pass each, no decoding variants.
+  baselines = {n for n, r in recs.items() if isinstance(r, inference.BaselineReconstructor)}
+  kspace_maps = any(recs[n].reads_kspace and not recs[n].single_coil for n in baselines)
   loader = pipeline.EvalLoader(
     source,
     global_batch_size=config.batch_size,
     mesh=mesh,
     families=families,
     max_records=num,
-    with_maps=consistency is not None,
+    with_maps=consistency is not None or kspace_maps,
   )
   # Volume order within each family, so volumes complete early and leave memory (the loader's
   # own order is the split's, which TFDS shuffles).
@@ -273,10 +323,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
 
   num_fig = max(0, int(config.figures.num_slices))
   fig_records = set(order[:num_fig])
-  want_levels = bool(config.figures.levels) and num_fig > 0
+  # The per-scale decodings come from the first token model (a baseline has none).
+  first_model = next((m for m, _ in models if m not in baselines), None)
+  want_levels = bool(config.figures.levels) and num_fig > 0 and first_model is not None
   figs = {f: {"input": {}, "target": {}, "recon": {}, "levels": {}} for f in families}
-  first_model, first_decoding = models[0][0], decodings[0][0]
-  scorer = evaluators.ImageScores(protocols, nets, slices)
+  first_decoding = decodings[0][0]
+  scorer = evaluators.ImageScores(protocols, nets, slices, dists=use_dists)
   magnitude = jax.jit(losses.magnitude)
 
   logging.info(
@@ -311,12 +363,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
           figs[fam]["target"][r] = target[i]
       has_fig = any(r in fig_records for _, _, r in rows)
       for name, rec in recs.items():
-        for dec, sampling in decodings:
+        for dec, sampling in decodings[: 1 if name in baselines else None]:
           rng = None if sampling.greedy else jax.random.fold_in(jax.random.key(config.seed), k)
           levels = want_levels and has_fig and (name, dec) == (first_model, first_decoding)
-          out = rec.reconstruct(
-            x_r32, batch["family"], rng=rng, sampling=sampling, return_intermediates=levels
-          )
+          if name in baselines:
+            out = rec.reconstruct(x_r32, batch["family"], **baseline_inputs(rec, batch))
+          else:
+            out = rec.reconstruct(
+              x_r32, batch["family"], rng=rng, sampling=sampling, return_intermediates=levels
+            )
           if levels:
             x_hat, aux = out
             levels_BKHW = sharding.to_host(magnitude(aux["levels_BKHW2"]))
@@ -346,12 +401,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   present = {info["contrast"] for info in slices.values()}
   contrasts = [c for c in names if c in present] + sorted(present - set(names))
   metric_names = ("psnr", "ssim") + tuple(f"lpips_{n}" for n in nets)
+  metric_names += ("dists",) if use_dists else ()
   sampling_note = ", ".join(f"{d}{_sampling_note(s)}" for d, s in decodings)
   header = {
     "Dataset": f"{dataset} ({data_dir})",
     "Split": config.split,
     "Slices": f"{num} per family (volumes: {num_volumes}), {len(families)} families, R = 32 input",
-    "Models": "; ".join(f"{n} ← `{s}`" for n, s in models),
+    "Models": "; ".join(
+      f"{n} ← `{s}`" + (f" ({type(recs[n].model).__name__} baseline)" if n in baselines else "")
+      for n, s in models
+    ),
     "Tokenizer override": config.tokenizer_from or "none",
     "Decoding": sampling_note,
     "Data consistency": (
@@ -362,8 +421,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     ),
     "Seed": str(config.seed),
     "LPIPS": ", ".join(nets) or "off",
+    "DISTS": dists_note,
     "Devices": f"{jax.device_count()} × {jax.devices()[0].platform}",
     "Wall time": f"{wall:.1f} s",
+    **dict(header_notes or {}),
   }
   if chief:
     text = report.render_report(
@@ -371,6 +432,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
       header=header,
       models=row_models,
       decodings=[d for d, _ in decodings],
+      single_decoding=[m for m in row_models if m.removesuffix(DC_SUFFIX) in baselines],
       families=families,
       protocols=protocols,
       contrasts=contrasts,

@@ -3,9 +3,12 @@
 Layout of the workdir:
 
   tensorflow_datasets/   the built dataset (unless config.data_dir or $TFDS_DATA_DIR is set)
-  data/ aqvae/ student/ teacher/ distill/ export/ evaluate/   one folder per stage
+  data/ aqvae/ student/ teacher/ distill/ unet/ export/ evaluate/   one folder per stage
   pipeline.json          per stage: done, wall time, the config it ran with
-  pipeline.md            the wall-time table and where the report is
+  pipeline.md            the wall-time table, the U-Net's budget and where the report is
+
+The U-Net baseline (`unet/`) trains on the same data for a fixed number of steps and is a row of
+the report; its wall time is reported next to stage 1 + student's, its budget.
 
 A finished stage is skipped on the next run; an interrupted one resumes from its checkpoints. A
 finished stage whose config has since changed is refused rather than silently reused.
@@ -13,6 +16,7 @@ finished stage whose config has since changed is refused rather than silently re
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -22,10 +26,20 @@ import ml_collections
 from absl import logging
 
 from nextaccel_jax import export
+from nextaccel_jax.stages import (
+  baseline,
+  common,
+  evaluate,
+  stage1_aqvae,
+  stage2_transformer,
+  stage3_distill,
+)
 from nextaccel_jax.stages import data as data_stage
-from nextaccel_jax.stages import evaluate, stage1_aqvae, stage2_transformer, stage3_distill
 
-STEPS = ("data", "aqvae", "student", "teacher", "distill", "export", "evaluate")
+STEPS = ("data", "aqvae", "student", "teacher", "distill", "unet", "export", "evaluate")
+# The U-Net baseline may train for at most the wall time of these steps together (it gets a fixed
+# step count per preset; pipeline.md and the report's header give both times).
+BUDGET_STEPS = ("aqvae", "student")
 _STATE_FILE = "pipeline.json"
 
 
@@ -43,12 +57,12 @@ def stage_configs(config: ml_collections.ConfigDict, workdir) -> dict:
   )
   d = lambda name: os.fspath(root / name)
   out = {}
-  for name in ("data", "aqvae", "student", "teacher", "distill", "evaluate"):
+  for name in ("data", "aqvae", "student", "teacher", "distill", "unet", "evaluate"):
     c = _copy(config[name])
     c.data.data_dir = data_dir
     out[name] = c
   # Only the pipeline's first stage builds; a later stage finding no dataset is a real error.
-  for name in ("aqvae", "student", "teacher", "distill", "evaluate"):
+  for name in ("aqvae", "student", "teacher", "distill", "unet", "evaluate"):
     out[name].data.build = False
   for name in ("student", "teacher", "distill"):
     out[name].tokenizer_from = d("aqvae")
@@ -62,6 +76,8 @@ def stage_configs(config: ml_collections.ConfigDict, workdir) -> dict:
   ev = out["evaluate"]
   ev.tokenizer_from = d("aqvae")
   ev.models = ml_collections.ConfigDict({"base": d("student"), "distilled": d("export")})
+  if "unet" in config.steps:
+    ev.models.unet = d("unet")
   return out
 
 
@@ -84,24 +100,28 @@ def _stage_fn(name: str):
     "student": stage2_transformer.train_and_evaluate,
     "teacher": stage2_transformer.train_and_evaluate,
     "distill": stage3_distill.train_and_evaluate,
+    "unet": baseline.train_and_evaluate,
     "export": _run_export,
     "evaluate": evaluate.run,
   }[name]
 
 
-def _load_state(path: pathlib.Path) -> dict:
-  if not path.exists():
-    return {"stages": {}}
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e}); delete it to rerun every stage") from e
-
-
-def _write_state(path: pathlib.Path, state: dict) -> None:
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(state, indent=2, default=str))
-  os.replace(tmp, path)
+def budget_notes(state: dict) -> dict[str, str]:
+  """`{"<baseline> budget": text}`: each finished baseline's wall time next to that of the
+  `BUDGET_STEPS` together, as `pipeline.json` records them (empty until both are known)."""
+  walls = {n: float(s["wall_s"]) for n, s in state["stages"].items() if s.get("done")}
+  if not all(n in walls for n in BUDGET_STEPS):
+    return {}
+  budget = sum(walls[n] for n in BUDGET_STEPS)
+  out = {}
+  for name in ("unet",):
+    if name in walls:
+      verdict = "within" if walls[name] <= budget else "over"
+      out[f"{name} budget"] = (
+        f"{walls[name] / 60:.1f} min of training against {budget / 60:.1f} min for "
+        f"{' + '.join(BUDGET_STEPS)} ({verdict} budget; wall times from pipeline.json)"
+      )
+  return out
 
 
 def _summary(state: dict, root: pathlib.Path) -> str:
@@ -112,6 +132,10 @@ def _summary(state: dict, root: pathlib.Path) -> str:
     total += wall
     lines.append(f"| {name} | {wall / 60:.1f} min | {'done' if s.get('done') else 'incomplete'} |")
   lines.append(f"| **all** | **{total / 60:.1f} min** | |")
+  budget = budget_notes(state)
+  if budget:
+    lines.append("")
+    lines += [f"- {k}: {v}" for k, v in budget.items()]
   report = root / "evaluate" / "report.md"
   if report.exists():
     lines += ["", f"Report: `{report}`"]
@@ -127,7 +151,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     raise ValueError(f"config.steps: unknown step(s) {unknown}; choose from {STEPS}")
   configs = stage_configs(config, root)
   state_path = root / _STATE_FILE
-  state = _load_state(state_path)
+  state = common.load_run_state(state_path)
   result: dict = {}
   for name in config.steps:
     cfg = configs[name].to_dict()
@@ -142,10 +166,13 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
       continue
     print(f"[pipeline] {name} → {root / name}", flush=True)
     start = time.perf_counter()
-    out = _stage_fn(name)(configs[name], os.fspath(root / name))
+    fn = _stage_fn(name)
+    if name == "evaluate":
+      fn = functools.partial(fn, header_notes=budget_notes(state))
+    out = fn(configs[name], os.fspath(root / name))
     wall = float(record.get("wall_s", 0.0)) + time.perf_counter() - start
     state["stages"][name] = {"done": True, "wall_s": wall, "config": cfg}
-    _write_state(state_path, state)
+    common.write_run_state(state_path, state)
     logging.info("pipeline: %s finished in %.1f min", name, wall / 60)
     print(f"[pipeline] {name}: finished in {wall / 60:.1f} min", flush=True)
     if name == "evaluate":

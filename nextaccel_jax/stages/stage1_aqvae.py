@@ -14,13 +14,15 @@ changes. `build_step` jits `train_step` once with explicit shardings and the sta
 tests and benchmarks run the same step through `testing.stage_step`. The EMA codebook (`vq_ema`) is
 updated inside the step from global batch statistics. Resume order, written in
 `train_and_evaluate`: (1) the workdir's latest checkpoint, (2) `config.init_from` (params and
-codebook of a converted VAR VQ-VAE or another stage-1 run), (3) scratch.
+codebook of a converted VAR VQ-VAE or another stage-1 run), (3) scratch. A run that does not
+resume starts its codebook from the encoder's own latents (`init_codebook`, `config.codebook_init`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import pathlib
 from collections.abc import Callable
 
@@ -28,6 +30,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 
@@ -35,7 +38,7 @@ from nextaccel_jax import checkpointing, losses, optim, sharding
 from nextaccel_jax.convert import checkpoints
 from nextaccel_jax.data import pipeline
 from nextaccel_jax.evaluation import evaluators
-from nextaccel_jax.models import aqvae, biomedclip, discriminator, layers, lpips
+from nextaccel_jax.models import aqvae, biomedclip, discriminator, layers, lpips, quantizer
 from nextaccel_jax.stages import common
 from nextaccel_jax.stages import data as data_stage
 
@@ -401,15 +404,17 @@ def train_step(
 
 
 def eval_step(state: TrainState, batch: dict, *, model):
-  """Magnitudes for evaluation: all six levels, Q32 alone, zero-filled R = 32, and the target."""
+  """Magnitudes for evaluation: all six levels, Q32 alone, zero-filled R = 32, and the target;
+  and the token ids of all six scales (`tokens` `[B, Σ pn_k²]`) for the codebook's usage."""
   levels, family = batch["levels"], batch["family"]
   b = levels.shape[0]
   variables = {"params": state.params, "vq_ema": state.vq_ema}
   all_active = jnp.ones((b, NUM_LEVELS), jnp.float32)
   r32_only = jnp.zeros((b, NUM_LEVELS), jnp.float32).at[:, 0].set(1.0)
-  x_all = model.apply(variables, levels, family, all_active, method=aqvae.AQVAE.reconstruct)
+  x_all, aux = model.apply(variables, levels, family, all_active)
   x_r32 = model.apply(variables, levels, family, r32_only, method=aqvae.AQVAE.reconstruct)
   return {
+    "tokens": jnp.concatenate(aux["idx"], axis=1),
     "recon_all": losses.magnitude(x_all),
     "recon_r32": losses.magnitude(x_r32),
     "zero_filled": losses.magnitude(levels[:, 0]),
@@ -476,15 +481,25 @@ def evaluate(
   eval_fn, state, loader: pipeline.EvalLoader, protocol: str = "paper", lpips_nets=("alex",)
 ) -> dict:
   """Mean SSIM/PSNR (and LPIPS per net) over a fixed pass of the eval split, overall and per mask
-  family, of the all-levels and Q32-only reconstructions and the zero-filled input."""
+  family, of the all-levels and Q32-only reconstructions and the zero-filled input; and how much
+  of the codebook the split's tokens use (`codebook/used`: the fraction of codes any token takes,
+  `codebook/perplexity`: of their histogram)."""
   scores = evaluators.ImageScores((protocol,), lpips_nets)
+  vocab = state.vq_ema["quantize"]["embed"].shape[0]
+  counts_V = np.zeros(vocab, np.int64)
   for batch in loader:
     out = sharding.to_host(eval_fn(state, batch))
     valid = sharding.to_host(batch["valid"])
     family = sharding.to_host(batch["family"])[valid]
     for row in EVAL_ROWS:
       scores.add(row, out[row][valid], out["target"][valid], family)
-  return scores.means(("ssim", "psnr"))
+    counts_V += np.bincount(out["tokens"][valid].ravel(), minlength=vocab)
+  probs_V = counts_V[counts_V > 0] / max(counts_V.sum(), 1)
+  return {
+    **scores.means(("ssim", "psnr")),
+    "codebook/used": float(np.count_nonzero(counts_V)) / vocab,
+    "codebook/perplexity": float(np.exp(-np.sum(probs_V * np.log(probs_V)))),
+  }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -505,10 +520,88 @@ def _load_init_from(config, state: TrainState, state_sharding) -> TrainState:
   return state.replace(params=tree["params"], vq_ema=tree["vq_ema"])
 
 
+CODEBOOK_INITS = ("kmeans++", "uniform")
+
+
+def init_codebook(config, state: TrainState, step: common.StageStep, train_src, mesh) -> TrainState:
+  """The codebook re-seeded by k-means++ over the encoder's latents of the first
+  `config.codebook_init.batches` training batches, with `embed_avg = embed` and unit cluster
+  sizes, as a fresh EMA codebook has.
+
+  The paper re-initialises the codebook when training starts and keeps dead-code restarts off.
+  From VAR's uniform(±1/V) codes that fails: the few codes nearest the first latents are pulled
+  onto the data by the EMA, and the rest never win an assignment again, so a from-scratch run ends
+  with a few dozen live codes. Codes picked among real latents are each the nearest code of some
+  latent. The latents are gathered onto every device and the picks use a key derived from
+  `config.seed`, so every process computes the same codebook.
+  """
+  n = int(config.codebook_init.batches)
+  if n < 1:
+    raise ValueError(f"config.codebook_init.batches must be >= 1, got {n}")
+  model = step.models["model"]
+  loader = pipeline.TrainLoader(
+    train_src,
+    global_batch_size=config.data.batch_size,
+    mesh=mesh,
+    seed=config.seed,
+    single_coil=config.data.single_coil,
+  )
+  latents_fn = jax.jit(
+    lambda params, vq, levels, family: model.apply(
+      {"params": params, "vq_ema": vq}, levels, family, method=aqvae.AQVAE.codebook_latents
+    ),
+    out_shardings=sharding.replicated(mesh),
+  )
+  try:
+    parts = [
+      sharding.to_host(latents_fn(state.params, state.vq_ema, b["levels"], b["family"]))
+      for b in itertools.islice(loader, n)
+    ]
+  finally:
+    loader.close()
+  latents = np.concatenate(parts)
+  vocab = model.vocab_size
+  # One device runs the sequential picks: on the replicated layout every device would repeat
+  # them, and simulated CPU devices then wait on each other's threads.
+  rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  embed = np.asarray(jax.jit(quantizer.kmeans_plus_plus, static_argnums=1)(latents, vocab, rng))
+  vq = jax.device_put(
+    # Three separate buffers: the donated train state may not alias two leaves.
+    {
+      "quantize": {
+        "embed": embed,
+        "embed_avg": embed.copy(),
+        "cluster_size": np.ones(vocab, np.float32),
+      }
+    },
+    step.state_sharding.vq_ema,
+  )
+  logging.info(
+    "codebook: k-means++ over %d latents of %d batches, %d of %d codes distinct",
+    latents.shape[0],
+    n,
+    len(np.unique(embed, axis=0)),
+    vocab,
+  )
+  return state.replace(vq_ema=vq)
+
+
+def _wants_codebook_init(config: ml_collections.ConfigDict) -> bool:
+  c = config.get("codebook_init")
+  if c is None:
+    return False
+  if c.method not in CODEBOOK_INITS:
+    raise ValueError(
+      f"config.codebook_init.method={c.method!r}; choose one of {', '.join(CODEBOOK_INITS)}"
+    )
+  return c.method == "kmeans++" and (not config.init_from or bool(c.after_init_from))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains and evaluates stage 1; returns the final validation metrics."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  seed_codebook = _wants_codebook_init(config)
   mesh = sharding.mesh_from_config(config)
   splits = data_stage.training_splits(config, workdir)
   _, total_steps = common.schedule_length(config, len(splits[0]))
@@ -522,6 +615,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not resumed and config.init_from:
     state = _load_init_from(config, state, step.state_sharding)
     logging.info("initialised params and codebook from %s", config.init_from)
+  if not resumed and seed_codebook:
+    state = init_codebook(config, state, step, splits[0], mesh)
   return common.run_stage(
     config,
     workdir,

@@ -15,6 +15,11 @@ image for the teacher) and the teacher's randomised prefix (`models.next_scale`)
 the step once; `train_and_evaluate` and `testing.stage_step` share it. Validation reports
 per-scale CE and token accuracy, and decodes a few batches autoregressively (argmax, KV cache) for
 PSNR/SSIM/LPIPS.
+
+The paper's component ablations (Table 4, `configs/ablations.py`) are fields of `config.model`
+and this config: `model.cross_attention=False` (no context encoder or cross-attention; nothing is
+copied from stage 1), `model.flat_tokens=True` (every scale at the full 16² grid, tokenised by the
+same stage-1 tokenizer, `next_scale.tokenizer_at`) and `trainable_context_encoder=False`.
 """
 
 from __future__ import annotations
@@ -97,13 +102,14 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
 
 def create_train_state(config, model, tx, mesh, rng, tokenizer_variables):
   """The state laid out by `config.sharding`; the context encoder starts as a copy of the stage-1
-  encoder."""
+  encoder (a model without cross-attention has none)."""
   size = config.data.image_size
 
   def init(rng, tok_params):
     params = transformer_lib.init_params(model, rng, size)["params"]
-    encoder = next_scale.context_encoder_params_from_aqvae(tok_params)
-    params = next_scale.insert_context_encoder(params, encoder)
+    if model.cross_attention:
+      encoder = next_scale.context_encoder_params_from_aqvae(tok_params)
+      params = next_scale.insert_context_encoder(params, encoder)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   abstract = jax.eval_shape(init, rng, tokenizer_variables["params"])

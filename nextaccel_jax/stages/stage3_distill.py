@@ -146,6 +146,7 @@ def on_policy_batch(
   """
   levels, family = batch["levels"], batch["family"].astype(jnp.int32)
   x_r32, x_fs = levels[:, 0], levels[:, -1]
+  tokenizer = next_scale.tokenizer_at(tokenizer, model.patch_nums)
   idx0 = next_scale.r32_tokens(tokenizer, tok_vars, x_r32, family)
   idx_list, h_list, _ = inference.rollout(
     model, student_params, tokenizer, tok_vars, idx0, x_r32, family, sampling=sampling, rng=rng

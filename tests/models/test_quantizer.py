@@ -452,3 +452,82 @@ def test_dead_codes_are_reseeded_from_active_latents():
   # Without the rng-driven restart (threshold 0), the same call re-seeds nothing.
   _, aux0, _ = _forward(MODEL_D0, True)(variables, f, MASK)
   assert float(aux0["restarted_codes"]) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Data-dependent codebook start.
+
+
+def test_scale_latents_are_what_each_scale_quantises():
+  variables = _variables(5)
+  f = _latents(6)
+  z = np.asarray(_method("scale_latents")(variables, f))
+  expected = np.concatenate(
+    [_np_z(f[:, k], pn).reshape(-1, C) for k, pn in enumerate(qz.PATCH_NUMS)]
+  )
+  assert z.shape == (2 * sum(pn * pn for pn in qz.PATCH_NUMS), C) and z.dtype == np.float32
+  np.testing.assert_allclose(z, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kmeans_plus_plus_covers_every_cluster_once():
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(6, C)).astype(np.float32) * 10.0
+  # One dominant "background" point and five rarer ones: uniform sampling would give the
+  # background most codes, D² sampling gives each distinct point exactly one.
+  weights = np.array([500, 3, 3, 3, 3, 3])
+  x = np.repeat(centres, weights, axis=0)
+  rng.shuffle(x)
+  pick = jax.jit(qz.kmeans_plus_plus, static_argnums=1)
+  codes = np.asarray(pick(x, 6, jax.random.key(1)))
+  assert sorted(map(tuple, codes)) == sorted(map(tuple, centres))
+  # More codes than distinct points: every point is still picked, the rest repeat picks.
+  codes = np.asarray(pick(x, 9, jax.random.key(2)))
+  assert {tuple(c) for c in codes} == {tuple(c) for c in centres}
+  np.testing.assert_array_equal(codes, np.asarray(pick(x, 9, jax.random.key(2))))
+
+
+def test_kmeans_plus_plus_spreads_codes_over_gaussian_latents():
+  x = np.random.default_rng(3).normal(size=(4096, C)).astype(np.float32)
+  codes = np.asarray(jax.jit(qz.kmeans_plus_plus, static_argnums=1)(x, V, jax.random.key(0)))
+  assert len({tuple(c) for c in codes}) == V
+  # Every code is a latent, and every code is the nearest code of at least itself.
+  assert set(map(tuple, codes)) <= set(map(tuple, x))
+  assert len(np.unique(_np_nearest(x, codes))) == V
+
+
+def test_kmeans_start_keeps_the_codebook_in_use_without_restarts():
+  """The paper's setting: EMA codebook, restarts off, latents away from the origin. VAR's tiny
+  uniform codes collapse onto a handful of live codes; the k-means++ start keeps most in use."""
+  v = 256
+  model = qz.MultiScaleQuantizer(vocab_size=v, dim=C, ema_decay=0.99)
+  mask = np.ones((2, K), np.float32)
+
+  def latents(seed):
+    return (2.0 + 0.5 * np.random.default_rng(seed).normal(size=(2, K, SIDE, SIDE, C))).astype(
+      np.float32
+    )
+
+  @jax.jit
+  def step(variables, f):
+    (_, aux), new = model.apply(variables, f, mask, train=True, mutable=["vq_ema"])
+    return {"params": variables["params"], "vq_ema": new["vq_ema"]}, aux
+
+  def codes_used(variables):
+    _, aux = step(variables, latents(999))
+    return len(np.unique(np.concatenate([np.asarray(i).ravel() for i in aux["idx"]])))
+
+  init = jax.jit(model.init, static_argnames="train")(
+    jax.random.key(0), jnp.zeros((2, K, SIDE, SIDE, C)), mask, train=False
+  )
+  z = jax.jit(functools.partial(model.apply, method="scale_latents"))(init, latents(0))
+  embed = qz.kmeans_plus_plus(z, v, jax.random.key(1))
+  seeded = {
+    "params": init["params"],
+    "vq_ema": {"embed": embed, "embed_avg": embed + 0.0, "cluster_size": jnp.ones(v)},
+  }
+  used = {}
+  for name, variables in (("uniform", init), ("kmeans++", seeded)):
+    for i in range(40):
+      variables, _ = step(variables, latents(i + 1))
+    used[name] = codes_used(variables)
+  assert used["kmeans++"] > 0.8 * v and used["uniform"] < 0.1 * v, used

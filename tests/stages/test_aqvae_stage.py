@@ -173,3 +173,44 @@ def test_missing_tower_weights_file_is_named(smoke_data_dir, tmp_path):
   config.disc.weights = str(tmp_path / "missing.npz")
   with pytest.raises(FileNotFoundError, match="missing.npz"):
     _step(config)
+
+
+def test_codebook_starts_from_the_first_batches_latents(smoke_data_dir):
+  config = _config(smoke_data_dir)
+  mesh = sharding.make_mesh()
+  _, step = _step(config)
+  train_src = pipeline.load_split("fastmri_brain_multiscale/smoke", "train", smoke_data_dir)
+  state = aqvae.init_codebook(config, step.state, step, train_src, mesh)
+  vq = jax.device_get(state.vq_ema["quantize"])
+  np.testing.assert_array_equal(vq["embed"], vq["embed_avg"])
+  np.testing.assert_array_equal(vq["cluster_size"], 1.0)
+  assert (
+    state.vq_ema["quantize"]["embed"].sharding == step.state_sharding.vq_ema["quantize"]["embed"]
+  )
+  # Every code is one of the latents the encoder gives the first training batch.
+  loader = pipeline.TrainLoader(
+    train_src, global_batch_size=config.data.batch_size, mesh=mesh, seed=config.seed
+  )
+  batch = next(loader)
+  loader.close()
+  model = step.models["model"]
+  latents = np.asarray(
+    jax.jit(
+      lambda s, b: model.apply(
+        {"params": s.params, "vq_ema": s.vq_ema},
+        b["levels"],
+        b["family"],
+        method=type(model).codebook_latents,
+      )
+    )(step.state, batch)
+  )
+  gap = np.abs(vq["embed"][:, None, :] - latents[None]).max(-1).min(-1)
+  assert gap.max() < 1e-5
+  assert len(np.unique(vq["embed"], axis=0)) > 0.9 * config.model.vocab_size
+
+
+def test_unknown_codebook_init_is_named(smoke_data_dir, tmp_path):
+  config = _config(smoke_data_dir)
+  config.codebook_init.method = "random"
+  with pytest.raises(ValueError, match="config.codebook_init.method='random'"):
+    aqvae.train_and_evaluate(config, tmp_path)

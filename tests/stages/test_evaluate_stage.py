@@ -11,8 +11,9 @@ from PIL import Image
 
 from configs import eval as eval_config
 from nextaccel_jax import export, inference, testing
-from nextaccel_jax.evaluation import report
+from nextaccel_jax.evaluation import dists_metric, report
 from nextaccel_jax.models import aqvae
+from nextaccel_jax.models import dists as dists_model
 from nextaccel_jax.models import transformer as T
 from nextaccel_jax.stages import evaluate
 
@@ -22,6 +23,8 @@ TOKENIZER = dict(
 TINY = dict(depth=2, width=32, num_heads=2, context_map=(0, 1))
 IMAGE = 64
 FAMILIES = ("cartesian_y", "cartesian_x", "gaussian_2d", "radial")
+# Every preset reports LPIPS-alex, LPIPS-vgg and, where dists-pytorch is installed, DISTS.
+PERCEPTUAL = ("lpips_alex", "lpips_vgg") + (("dists",) if dists_metric.available() else ())
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +84,9 @@ def test_smoke_run_writes_a_consistent_report(smoke_data_dir, patched, tmp_path)
       "base+DC/argmax",
       "distilled+DC/top_k",
     ):
-      for key in ("paper/psnr", "paper/ssim", "paper/lpips_alex", "fastmri/psnr", "fastmri/ssim"):
+      keys = ("paper/psnr", "paper/ssim", "fastmri/psnr", "fastmri/ssim")
+      keys += tuple(f"{p}/{m}" for p in ("paper", "fastmri") for m in PERCEPTUAL)
+      for key in keys:
         assert np.isfinite(metrics[f"{row}/{family}/{key}"]), (row, family, key)
     # The smoke validation split is one T2 volume of two slices.
     assert metrics[f"base/argmax/{family}/paper/n"] == 2
@@ -102,7 +107,7 @@ def test_smoke_run_writes_a_consistent_report(smoke_data_dir, patched, tmp_path)
       r for r in rows if (r["model"], r["decoding"], r["family"]) == (model, decoding, "radial")
     ]
     key = "zero_filled" if model == "zero_filled" else f"{model}/{decoding}"
-    for col in ("paper_psnr", "paper_ssim", "paper_lpips_alex"):
+    for col in ("paper_psnr", "paper_ssim", *(f"paper_{m}" for m in PERCEPTUAL)):
       mean = np.mean([float(r[col]) for r in sel])
       assert mean == pytest.approx(metrics[f"{key}/radial/{col.replace('_', '/', 1)}"])
     # The fastmri columns repeat the volume's value on each of its slices.
@@ -117,7 +122,10 @@ def test_smoke_run_writes_a_consistent_report(smoke_data_dir, patched, tmp_path)
   for family in FAMILIES:
     assert text.count(f"### {family} (decoding: argmax)") == 2
   assert text.count("### Decoding variants") == 2
-  assert "| Method | T2 PSNR ↑ | T2 SSIM ↑ | T2 LPIPS-alex ↓ |\n" in text
+  perceptual = " | T2 LPIPS-alex ↓ | T2 LPIPS-vgg ↓"
+  perceptual += " | T2 DISTS ↓" if "dists" in PERCEPTUAL else ""
+  assert f"| Method | T2 PSNR ↑ | T2 SSIM ↑{perceptual} |\n" in text
+  assert f"- **DISTS**: {dists_metric.status()}\n" in text
   assert "T1 PSNR" not in text and "all PSNR" not in text
   psnr = metrics["distilled/argmax/radial/paper/psnr"]
   assert f"{psnr:.2f} ± " in text
@@ -128,6 +136,17 @@ def test_smoke_run_writes_a_consistent_report(smoke_data_dir, patched, tmp_path)
       assert im.format == "PNG" and im.size == report.grid_size(2, 10)
     with Image.open(tmp_path / "figures" / f"{family}_levels.png") as im:
       assert im.size == report.grid_size(2, 8)
+
+
+def test_dists_off_without_the_package_is_said(smoke_data_dir, patched, tmp_path, monkeypatch):
+  monkeypatch.setattr(dists_model, "available", lambda: False)
+  overrides = {"models.distilled": "", "data_consistency.enabled": False, "figures.num_slices": 0}
+  config = _config(smoke_data_dir, families=("radial",), lpips_nets=(), **overrides)
+  metrics = evaluate.run(config, tmp_path)
+  assert metrics and not [k for k in metrics if "dists" in k]
+  text = (tmp_path / "report.md").read_text()
+  assert "- **DISTS**: off (dists-pytorch not installed: pip install dists-pytorch)\n" in text
+  assert "DISTS ↓" not in text
 
 
 def test_empty_models_are_explained(smoke_data_dir, tmp_path):
@@ -152,7 +171,8 @@ def test_config_presets():
   for preset in ("paper", "demo", "smoke"):
     config = eval_config.get_config(preset)
     assert config.stage == "evaluate"
-    assert list(config.models.keys()) == ["base", "distilled"]
+    assert list(config.models.keys()) == ["base", "distilled", "unet", "varnet"]
     assert config.batch_size % 8 == 0
+    assert config.lpips_nets == ("alex", "vgg") and config.dists
   assert eval_config.get_config("demo").decoding == ("argmax", "multinomial", "top_k", "top_p")
   assert eval_config.get_config("paper").decoding == ("argmax",)
