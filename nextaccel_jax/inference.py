@@ -333,7 +333,32 @@ def reconstruct(
   return levels_BKHW2[:, -1], aux
 
 
-class Reconstructor:
+class _DataConsistent:
+  """`data_consistent`, shared by the reconstructors: each sets `consistency` (its default
+  `ConsistencyConfig`) and `_dc` (the jitted `data_consistency`)."""
+
+  consistency: ConsistencyConfig
+  _dc: Any
+
+  def data_consistent(
+    self,
+    x_hat_BHW2: jax.Array,
+    x_r32_BHW2: jax.Array,
+    mask_BHW: jax.Array,
+    maps_BCHW2: jax.Array | None = None,
+    consistency: ConsistencyConfig | None = None,
+  ) -> jax.Array:
+    """`data_consistency` (jitted) with this reconstructor's default settings."""
+    return self._dc(
+      x_hat_BHW2,
+      x_r32_BHW2,
+      mask_BHW,
+      maps_BCHW2,
+      consistency=self.consistency if consistency is None else consistency,
+    )
+
+
+class Reconstructor(_DataConsistent):
   """R = 32 → FS reconstruction with a trained tokenizer and transformer.
 
   Holds the two models and their variables; `reconstruct` runs the whole pipeline as one jitted
@@ -407,23 +432,6 @@ class Reconstructor:
     if not return_intermediates:
       return x_dc
     return x_dc, {**aux, "decoded_BHW2": x_hat}
-
-  def data_consistent(
-    self,
-    x_hat_BHW2: jax.Array,
-    x_r32_BHW2: jax.Array,
-    mask_BHW: jax.Array,
-    maps_BCHW2: jax.Array | None = None,
-    consistency: ConsistencyConfig | None = None,
-  ) -> jax.Array:
-    """`data_consistency` (jitted) with this reconstructor's default settings."""
-    return self._dc(
-      x_hat_BHW2,
-      x_r32_BHW2,
-      mask_BHW,
-      maps_BCHW2,
-      consistency=self.consistency if consistency is None else consistency,
-    )
 
   __call__ = reconstruct
 
@@ -519,7 +527,7 @@ def baseline_reconstruct(model, variables, x_r32_BHW2, kspace_BVHW2=None, mask_B
   return baseline_image(y, x_r32_BHW2)
 
 
-class BaselineReconstructor:
+class BaselineReconstructor(_DataConsistent):
   """R = 32 → FS with a trained baseline, one jitted forward pass per call.
 
   The calls of `Reconstructor` where they apply: `reconstruct` (no token sampling, so no
@@ -563,23 +571,6 @@ class BaselineReconstructor:
     baselines are not told the mask family)."""
     del family_B
     return self._fn(self.variables, x_r32_BHW2, kspace_BVHW2, mask_BHW)
-
-  def data_consistent(
-    self,
-    x_hat_BHW2: jax.Array,
-    x_r32_BHW2: jax.Array,
-    mask_BHW: jax.Array,
-    maps_BCHW2: jax.Array | None = None,
-    consistency: ConsistencyConfig | None = None,
-  ) -> jax.Array:
-    """`data_consistency` (jitted) with this reconstructor's default settings."""
-    return self._dc(
-      x_hat_BHW2,
-      x_r32_BHW2,
-      mask_BHW,
-      maps_BCHW2,
-      consistency=self.consistency if consistency is None else consistency,
-    )
 
   __call__ = reconstruct
 

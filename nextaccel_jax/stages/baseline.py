@@ -147,14 +147,11 @@ def train_step(state: TrainState, batch: dict, *, model, tx, weights, single_coi
     return total_loss(y, target, weights)
 
   (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params, opt_state, norms = common.apply_gradients(tx, state.params, state.opt_state, grads)
   out = {
     "loss": loss,
     **m,
-    "grad_norm": common.tree_norm(grads),
-    "param_norm": common.tree_norm(params),
-    "update_norm": common.tree_norm(updates),
+    **norms,
   }
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), out
 

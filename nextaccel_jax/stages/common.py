@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import tqdm
 from absl import logging
 
@@ -128,6 +129,19 @@ def tree_norm(tree) -> jax.Array:
   if not leaves:
     return jnp.zeros((), jnp.float32)
   return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32))) for x in leaves))
+
+
+def apply_gradients(tx, params, opt_state, grads):
+  """One optimizer update: `(params, opt_state, norms)`, where `norms` holds the gradient,
+  parameter and update l2 norms every stage logs."""
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  norms = {
+    "grad_norm": tree_norm(grads),
+    "param_norm": tree_norm(params),
+    "update_norm": tree_norm(updates),
+  }
+  return params, opt_state, norms
 
 
 class NonFiniteLossError(RuntimeError):

@@ -337,15 +337,12 @@ def train_step(
   (loss, (terms, aux, vq_ema, mag_hat)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
     state.params
   )
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params, opt_state, norms = common.apply_gradients(tx, state.params, state.opt_state, grads)
   out = {
     "loss": loss,
     **terms,
     "ssim": jnp.mean(losses.ssim(mag_hat, mag, scale_B)),
-    "grad_norm": common.tree_norm(grads),
-    "param_norm": common.tree_norm(params),
-    "update_norm": common.tree_norm(updates),
+    **norms,
     "restarted_codes": aux["restarted_codes"],
     **_usage_metrics(aux),
   }

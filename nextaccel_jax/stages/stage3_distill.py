@@ -28,7 +28,6 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from nextaccel_jax import checkpointing, inference, losses, sharding
 from nextaccel_jax.data import pipeline
@@ -217,15 +216,12 @@ def train_step(
     return loss, (logits, aux["kl_scales"])
 
   (loss, (logits, kl_scales)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params, opt_state, norms = common.apply_gradients(tx, state.params, state.opt_state, grads)
   out = {
     "loss": loss,
     **{f"kl/scale_{k}": v for k, v in enumerate(kl_scales, start=1)},
     **_agreement(rollout["tokens_BL"], logits, rollout["teacher_logits_BLV"], layout),
-    "grad_norm": common.tree_norm(grads),
-    "param_norm": common.tree_norm(params),
-    "update_norm": common.tree_norm(updates),
+    **norms,
   }
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), out
 
