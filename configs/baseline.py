@@ -94,10 +94,9 @@ def get_config(arg: str = "unet") -> ml_collections.ConfigDict:
   config.optim.grad_clip = 0.0
 
   config.num_epochs = {"paper": 50, "demo": 0, "smoke": 0}[preset]
-  # Overrides num_epochs when > 0. The demo's fixed counts (deterministic, unlike a time limit)
-  # take about 7 minutes on two CPU cores, half of stage 1 + student's wall time in the demo
-  # pipeline, the U-Net's budget there (idle-CPU estimates from measured CPU time: U-Net ≈ 0.2 s,
-  # E2E-VarNet ≈ 0.5 s per step).
+  # Overrides num_epochs when > 0. Fixed counts (deterministic, unlike a time limit); at the demo
+  # size about 7 minutes on two CPU cores (U-Net ≈ 0.22 s, E2E-VarNet ≈ 0.5 s per step). The demo
+  # pipeline sets its own count, the wall time of its stage 1 + student (configs/demo.py).
   demo_steps = 1800 if model == "unet" else 600
   config.num_train_steps = {"paper": 0, "demo": demo_steps, "smoke": 3}[preset]
   config.max_steps_per_run = 0

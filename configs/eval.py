@@ -54,11 +54,15 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
 
   # Token selection variants; the first one feeds the figures. The demo adds the sampled ones
   # for the comparison of the paper's Table 4.
-  config.decoding = DECODINGS if preset == "demo" else ("argmax",)
+  config.decoding = {"paper": ("argmax", "top_k_top_p"), "demo": DECODINGS, "smoke": ("argmax",)}[
+    preset
+  ]
   config.sampling = ml_collections.ConfigDict()
   config.sampling.temperature = 1.0
-  config.sampling.top_k = 50 if preset == "paper" else 8
-  config.sampling.top_p = 0.9
+  # The paper's Table 4 samples with top-p 0.96 and top-k 900 (`top_k_top_p`); the small presets'
+  # vocabularies (512, 64) need a smaller k.
+  config.sampling.top_k = 900 if preset == "paper" else 8
+  config.sampling.top_p = 0.96 if preset == "paper" else 0.9
 
   config.data_consistency = ml_collections.ConfigDict()
   # Also score every model with its measured R = 32 samples enforced (decisions.md §6), as rows
@@ -69,6 +73,11 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   # "input": the reconstruction's magnitude with the R = 32 image's phase (the tokenizer is
   # trained on magnitudes); "model": the decoded phase.
   config.data_consistency.phase = "input"
+
+  # Where quality is lost, per transformer model: decodes of the tokenizer's true tokens (all six
+  # levels; FS alone), of one teacher-forced pass and of the free rollout, token accuracy per
+  # scale, and figures/<family>_diagnostics.png (the report's "Where quality is lost").
+  config.diagnostics = True
 
   config.figures = ml_collections.ConfigDict()
   # Slices per family grid (the first ones in volume order); 0 = no figures.

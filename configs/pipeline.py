@@ -28,6 +28,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.stage = "pipeline"
   config.preset = preset
+  # Seed of every stage (initialisation, batch order, masks, sampling), e.g. --config.seed=1 for
+  # another run of the same command; the dataset does not change with it.
+  config.seed = 0
   # TFDS data dir shared by every stage; empty: $TFDS_DATA_DIR, else <workdir>/tensorflow_datasets.
   config.data_dir = ""
   config.steps = STEPS

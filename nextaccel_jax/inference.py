@@ -300,13 +300,7 @@ def reconstruct(
   )
   num = len(h_list)
   if not return_intermediates:
-    f_hat = tokenizer.apply(
-      tokenizer_variables,
-      h_list,
-      jnp.ones((b, num), jnp.float32),
-      method=aqvae_lib.AQVAE.combine,
-    )
-    return tokenizer.apply(tokenizer_variables, f_hat, method=aqvae_lib.AQVAE.decode)
+    return _decode_mean(tokenizer, tokenizer_variables, h_list, jnp.ones((num,), jnp.float32))
 
   # Row k activates scales 0..k: the image "the first k + 1 scales" decode to.
   prefix_KK = jnp.tril(jnp.ones((num, num), jnp.float32))
@@ -331,6 +325,78 @@ def reconstruct(
     "levels_BKHW2": levels_BKHW2,
   }
   return levels_BKHW2[:, -1], aux
+
+
+def _decode_mean(tokenizer, tokenizer_variables, h_list, active_K) -> jax.Array:
+  """Decodes the mean of the contributions whose `active_K` entry is 1."""
+  b = h_list[0].shape[0]
+  active_BK = jnp.broadcast_to(jnp.asarray(active_K, jnp.float32), (b, len(h_list)))
+  f_hat = tokenizer.apply(tokenizer_variables, h_list, active_BK, method=aqvae_lib.AQVAE.combine)
+  return tokenizer.apply(tokenizer_variables, f_hat, method=aqvae_lib.AQVAE.decode)
+
+
+# What `diagnose` decodes, from the most to the least information about the target.
+DIAGNOSTICS = ("tokenizer_all", "tokenizer_fs", "teacher_forced", "rollout")
+
+
+def diagnose(
+  tokenizer: aqvae_lib.AQVAE,
+  transformer: transformer_lib.NextAccelTransformer,
+  tokenizer_variables,
+  transformer_variables,
+  levels_BKHW2: jax.Array,
+  family_B: jax.Array,
+) -> dict[str, jax.Array]:
+  """Where a reconstruction loses quality: the same decoder fed ever less true information.
+
+  - `tokenizer_all`: the true tokens of all six levels (the ceiling of any transformer);
+  - `tokenizer_fs`: the true tokens of the fully sampled level alone;
+  - `teacher_forced`: Q32 and the argmax tokens of one forward pass over the true prefix (what
+    stage 2 trains), i.e. every scale predicted from the true earlier scales;
+  - `rollout`: Q32 and the argmax tokens of the free rollout (`reconstruct`'s result).
+
+  The gap tokenizer_all → teacher_forced is the transformer's per-scale prediction error,
+  teacher_forced → rollout the error that compounds when it reads its own tokens.
+
+  Args:
+    tokenizer, transformer: the models (static under jit); the transformer is a student (its
+      context is the R = 32 level).
+    tokenizer_variables, transformer_variables: their variables.
+    levels_BKHW2: the six levels, R = 32 first and FS last.
+    family_B: mask-family ids.
+
+  Returns:
+    The four complex images `[B, H, W, 2]` under their names, and `teacher_forced_correct_BL` /
+    `rollout_correct_BL` (float32, 1 where the predicted token of scales 1..K−1 equals the true
+    one, positions as in `transformer.sequence_layout`).
+  """
+  family_B = family_B.astype(jnp.int32)
+  tok = next_scale.tokenizer_at(tokenizer, transformer.patch_nums)
+  tv = _as_variables(transformer_variables)
+  batch = next_scale.teacher_forcing_batch(
+    transformer, tok, tokenizer_variables, levels_BKHW2, family_B
+  )
+  true_idx = batch["idx"]
+  logits_BLV, _ = transformer.apply(tv, batch["inputs_BLZ"], batch["context_BHW2"], family_B)
+  forced_BL = jnp.argmax(logits_BLV, axis=-1).astype(jnp.int32)
+  layout = transformer_lib.sequence_layout(transformer.patch_nums)
+  forced_idx = [true_idx[0]] + [forced_BL[:, b:e] for b, e in layout]
+  free_idx, free_h, _ = rollout(
+    transformer, tv, tok, tokenizer_variables, true_idx[0], batch["context_BHW2"], family_B
+  )
+  num = len(true_idx)
+  every = jnp.ones((num,), jnp.float32)
+  true_h = next_scale.lookup_contributions(tok, tokenizer_variables, true_idx)
+  forced_h = next_scale.lookup_contributions(tok, tokenizer_variables, forced_idx)
+  targets_BL = batch["targets_BL"]
+  return {
+    "tokenizer_all": _decode_mean(tok, tokenizer_variables, true_h, every),
+    "tokenizer_fs": _decode_mean(tok, tokenizer_variables, true_h, every.at[:-1].set(0.0)),
+    "teacher_forced": _decode_mean(tok, tokenizer_variables, forced_h, every),
+    "rollout": _decode_mean(tok, tokenizer_variables, free_h, every),
+    "teacher_forced_correct_BL": (forced_BL == targets_BL).astype(jnp.float32),
+    "rollout_correct_BL": (jnp.concatenate(free_idx[1:], axis=1) == targets_BL).astype(jnp.float32),
+  }
 
 
 class _DataConsistent:
@@ -393,6 +459,16 @@ class Reconstructor(_DataConsistent):
       static_argnames=("sampling", "return_intermediates"),
     )
     self._dc = jax.jit(data_consistency, static_argnames=("consistency",))
+    self._diagnose = jax.jit(functools.partial(diagnose, tokenizer_model, transformer_model))
+
+  def diagnose(self, levels_BKHW2: jax.Array, family_B: jax.Array) -> dict[str, jax.Array]:
+    """See `diagnose` (the module function), jitted."""
+    return self._diagnose(
+      self.tokenizer_variables,
+      self.transformer_variables,
+      jnp.asarray(levels_BKHW2, jnp.float32),
+      jnp.asarray(family_B, jnp.int32),
+    )
 
   def reconstruct(
     self,

@@ -1,7 +1,7 @@
 """Optimizer policy of every stage: learning-rate schedules, AdamW with no-decay groups, freezing.
 
-- `make_schedule`: linear warm-up from 0, then cosine, linear or constant, built from optax's
-  schedules (`warmup_cosine_decay_schedule`, `linear_schedule`, `join_schedules`).
+- `make_schedule`: linear warm-up (its first step already trains), then cosine, linear or
+  constant, then the end rate, built from optax's schedules.
 - `make_optimizer`: global-norm clipping, then AdamW; `no_decay_mask` says which parameters get
   weight decay (by regex on their path).
 - `optimizer_from_config`: both from a config's `optim` section.
@@ -45,45 +45,58 @@ def make_schedule(
   warmup_steps: int,
   schedule: str = "cosine",
   end_lr: float = 0.0,
+  decay_steps: int = 0,
 ) -> optax.Schedule:
-  """Learning rate per optimiser step: linear warm-up from 0, then decay to `end_lr`.
+  """Learning rate per optimiser step: linear warm-up, then decay to `end_lr`, then `end_lr`.
+
+  The warm-up's first step already trains: step s < warmup_steps gets
+  `base_lr · (s + 1) / warmup_steps`, so the peak is reached on the last warm-up step (a ramp
+  from 0 would spend the first update at lr = 0).
 
   Args:
-    base_lr: Peak learning rate, reached at `warmup_steps`.
-    total_steps: Step at which the decay reaches `end_lr`.
+    base_lr: Peak learning rate.
+    total_steps: Length of the run.
     warmup_steps: Length of the linear warm-up (0 for none).
     schedule: `"cosine"` or `"linear"` decay from `base_lr` to `end_lr`, or `"constant"` at
       `base_lr` after the warm-up.
     end_lr: Final learning rate of the decaying schedules.
+    decay_steps: Length of the decay after the warm-up; the rate then stays at `end_lr` (the
+      AQ-VAE's 10 warm-up + 10 cosine epochs of a 100-epoch run). 0: the decay ends at
+      `total_steps`.
 
   Returns:
-    An optax schedule of the step count (the number of updates already applied); it stays at
-    `end_lr` after `total_steps`.
+    An optax schedule of the step count (the number of updates already applied).
 
   Raises:
     ValueError: For an unknown schedule or inconsistent step counts.
   """
   if schedule not in SCHEDULES:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-  if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
+  if total_steps <= 0 or not 0 <= warmup_steps <= total_steps or decay_steps < 0:
     raise ValueError(
-      f"need 0 <= warmup_steps <= total_steps and total_steps > 0, got warmup_steps="
-      f"{warmup_steps}, total_steps={total_steps}"
+      f"need 0 <= warmup_steps <= total_steps, total_steps > 0 and decay_steps >= 0, got "
+      f"warmup_steps={warmup_steps}, total_steps={total_steps}, decay_steps={decay_steps}"
     )
   # A decay of zero length would be a division by zero in optax; one step keeps it defined.
-  decay_steps = max(total_steps - warmup_steps, 1)
+  decay_steps = max(decay_steps or total_steps - warmup_steps, 1)
   if schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(
-      0.0, base_lr, warmup_steps, warmup_steps + decay_steps, end_lr
-    )
-  if schedule == "linear":
+    after = optax.cosine_decay_schedule(base_lr, decay_steps, alpha=end_lr / base_lr)
+  elif schedule == "linear":
     after = optax.linear_schedule(base_lr, end_lr, decay_steps)
   else:
     after = optax.constant_schedule(base_lr)
   if not warmup_steps:
     return after
-  warmup = optax.linear_schedule(0.0, base_lr, warmup_steps)
+  warmup = optax.linear_schedule(base_lr / warmup_steps, base_lr, max(warmup_steps - 1, 1))
   return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+def epochs_to_steps(epochs: float, steps_per_epoch: int, total_steps: int) -> int:
+  """Whole steps of `epochs` epochs (at least 1 for a positive count), at most `total_steps`."""
+  if epochs < 0:
+    raise ValueError(f"an epoch count must be >= 0, got {epochs}")
+  steps = round(epochs * steps_per_epoch)
+  return min(max(steps, 1 if epochs > 0 else 0), total_steps)
 
 
 def param_path(path) -> str:
@@ -148,15 +161,27 @@ def make_optimizer(
   return optax.chain(*parts)
 
 
-def optimizer_from_config(optim, total_steps: int):
-  """`(tx, schedule)` from a config's `optim` section (lr, end_lr, schedule, warmup_steps, b1, b2,
-  weight_decay, grad_clip), with weight decay only where `no_decay_mask` allows it."""
+def optimizer_from_config(optim, total_steps: int, steps_per_epoch: int = 0):
+  """`(tx, schedule)` from a config's `optim` section (lr, end_lr, schedule, b1, b2,
+  weight_decay, grad_clip and the warm-up), with weight decay only where `no_decay_mask` allows.
+
+  The warm-up is `optim.warmup_steps`, or `optim.warmup_epochs` (with `optim.decay_epochs`, 0 =
+  to the end) where the section counts in epochs, as the AQ-VAE's does; those need
+  `steps_per_epoch`.
+  """
+  warmup, decay = optim.get("warmup_steps", 0), 0
+  if "warmup_epochs" in optim:
+    if steps_per_epoch < 1:
+      raise ValueError("optim.warmup_epochs needs the number of steps per epoch")
+    warmup = epochs_to_steps(optim.warmup_epochs, steps_per_epoch, total_steps)
+    decay = epochs_to_steps(optim.get("decay_epochs", 0), steps_per_epoch, total_steps - warmup)
   schedule = make_schedule(
     base_lr=optim.lr,
     total_steps=total_steps,
-    warmup_steps=optim.warmup_steps,
+    warmup_steps=warmup,
     schedule=optim.schedule,
     end_lr=optim.end_lr,
+    decay_steps=decay,
   )
   tx = make_optimizer(
     learning_rate=schedule,

@@ -218,6 +218,38 @@ def test_memorised_example_is_reproduced(tok, tiny, data, q32):
     rec(x, family, sampling=I.MULTINOMIAL)
 
 
+def test_diagnose_decodes_ever_less_true_information(tok, tiny, sharp, forward, data):
+  tokenizer, tv = tok
+  model, _ = tiny
+  rng = np.random.default_rng(3)
+  levels = jnp.asarray(rng.standard_normal((B, 6, IMAGE, IMAGE, 2)).astype(np.float32) * 0.3)
+  levels = levels.at[:, 0].set(data["x"])
+  family = data["family"]
+  rec = I.Reconstructor(tokenizer, tv, model, sharp["params"])
+  out = rec.diagnose(levels, family)
+  assert set(I.DIAGNOSTICS) <= set(out)
+  for name in I.DIAGNOSTICS:
+    assert out[name].shape == (B, IMAGE, IMAGE, 2), name
+  # The ceiling is the tokenizer's own evaluation-mode reconstruction from all six levels.
+  want = jax.jit(functools.partial(tokenizer.apply, method=aqvae.AQVAE.reconstruct))(
+    tv, levels, family
+  )
+  np.testing.assert_allclose(out["tokenizer_all"], want, atol=1e-4)
+  assert not np.allclose(out["tokenizer_fs"], out["tokenizer_all"], atol=1e-3)
+  # The free rollout is the argmax reconstruction from the R = 32 level.
+  np.testing.assert_allclose(out["rollout"], rec(levels[:, 0], family), atol=1e-5)
+  # Teacher forcing: the argmax of one forward pass over the true tokens.
+  true_idx = NS.tokenize_levels(tokenizer, tv, levels, family)
+  logits = _teacher_forced_logits(tok, tiny, forward, sharp, true_idx, levels[:, 0], family)
+  targets = np.concatenate([np.asarray(i) for i in true_idx[1:]], axis=1)
+  np.testing.assert_array_equal(out["teacher_forced_correct_BL"], logits.argmax(-1) == targets)
+  # Scale 1 reads only the true Q32 either way, so both modes predict it alike.
+  first = slice(0, model.patch_nums[1] ** 2)
+  np.testing.assert_array_equal(
+    out["rollout_correct_BL"][:, first], out["teacher_forced_correct_BL"][:, first]
+  )
+
+
 # ------------------------------------------------------------------------------------------------
 # Data consistency
 

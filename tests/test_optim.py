@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -12,8 +13,9 @@ from nextaccel_jax.stages import common
 def test_cosine_schedule_shape():
   lr = optim.make_schedule(base_lr=1.0, total_steps=110, warmup_steps=10, end_lr=0.1)
   values = np.asarray([lr(s) for s in range(0, 121)])
-  # Linear warm-up from 0.
-  np.testing.assert_allclose(values[:11], np.arange(11) / 10, atol=1e-6)
+  # Linear warm-up whose first step already trains, at the peak on its last step.
+  np.testing.assert_allclose(values[:10], np.arange(1, 11) / 10, atol=1e-6)
+  np.testing.assert_allclose(values[10], 1.0, atol=1e-6)
   # Cosine from the peak to end_lr at total_steps, halfway at the midpoint, flat afterwards.
   assert np.all(np.diff(values[10:111]) <= 1e-7)
   np.testing.assert_allclose(values[60], 0.55, atol=1e-6)
@@ -26,11 +28,45 @@ def test_linear_and_constant_schedules():
   )
   np.testing.assert_allclose([linear(s) for s in (0, 10, 20, 30)], [2.0, 1.0, 0.0, 0.0], atol=1e-6)
   const = optim.make_schedule(base_lr=3.0, total_steps=20, warmup_steps=4, schedule="constant")
-  np.testing.assert_allclose([const(s) for s in (2, 4, 19, 40)], [1.5, 3.0, 3.0, 3.0], atol=1e-6)
+  np.testing.assert_allclose(
+    [const(s) for s in (0, 2, 3, 4, 19, 40)], [0.75, 2.25, 3.0, 3.0, 3.0, 3.0], atol=1e-6
+  )
   with pytest.raises(ValueError, match="schedule"):
     optim.make_schedule(base_lr=1.0, total_steps=10, warmup_steps=0, schedule="step")
   with pytest.raises(ValueError, match="warmup_steps"):
     optim.make_schedule(base_lr=1.0, total_steps=10, warmup_steps=11)
+
+
+def test_warmup_and_decay_in_epochs_then_hold():
+  # The AQ-VAE's supplement: 10 warm-up epochs, 10 cosine epochs to 1e-6, of 100 epochs.
+  config = ml_collections.ConfigDict(
+    dict(
+      lr=1e-4,
+      end_lr=1e-6,
+      schedule="cosine",
+      warmup_epochs=10,
+      decay_epochs=10,
+      b1=0.9,
+      b2=0.999,
+      weight_decay=1e-4,
+      grad_clip=5.0,
+    )
+  )
+  _, lr = optim.optimizer_from_config(config, total_steps=500, steps_per_epoch=5)
+  values = np.asarray([lr(s) for s in range(500)])
+  np.testing.assert_allclose(values[0], 1e-4 / 50, rtol=1e-5)
+  np.testing.assert_allclose(values[49:51], 1e-4, rtol=1e-5)
+  np.testing.assert_allclose(values[75], (1e-4 + 1e-6) / 2, rtol=1e-4)
+  assert np.all(np.diff(values[50:101]) <= 1e-12)
+  np.testing.assert_allclose(values[100:], 1e-6, rtol=1e-4)
+  # decay_epochs = 0 decays to the end of the run.
+  config.decay_epochs = 0
+  _, lr = optim.optimizer_from_config(config, total_steps=500, steps_per_epoch=5)
+  np.testing.assert_allclose([lr(275), lr(500)], [(1e-4 + 1e-6) / 2, 1e-6], rtol=1e-4)
+  with pytest.raises(ValueError, match="steps per epoch"):
+    optim.optimizer_from_config(config, total_steps=500)
+  assert optim.epochs_to_steps(0.1, 4, 100) == 1 and optim.epochs_to_steps(0, 4, 100) == 0
+  assert optim.epochs_to_steps(50, 4, 100) == 100
 
 
 def test_optimizer_clips_huge_gradients():
@@ -61,8 +97,8 @@ def test_optimizer_accepts_schedule():
   tx = optim.make_optimizer(learning_rate=lr)
   params = {"w": jnp.ones(3)}
   updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
-  # Step 0 of the warm-up has learning rate 0.
-  np.testing.assert_array_equal(np.asarray(updates["w"]), 0.0)
+  # Step 0 of the warm-up already moves the parameters (half the peak rate here).
+  np.testing.assert_allclose(np.asarray(updates["w"]), -0.5, rtol=1e-4)
 
 
 def test_no_decay_mask_matches_biases_scales_and_embeddings():

@@ -263,6 +263,7 @@ def ablation_table(
   families: Sequence[str],
   protocol: str,
   metric_names: Sequence[str],
+  first_header: str = "Variant",
 ) -> str:
   """The paper's Table 4 layout: rows = variants, one column group per mask family with each
   metric's mean over all contrasts (the `summarize` keys without a contrast), means only, the
@@ -275,10 +276,11 @@ def ablation_table(
     families: mask families, one column group each, in order.
     protocol: the metric protocol.
     metric_names: the metrics of every group, e.g. `("psnr", "ssim", "lpips_alex")`.
+    first_header: the first column's heading.
   """
   if len(labels) != len(rows):
     raise ValueError(f"{len(rows)} rows but {len(labels)} labels")
-  header = ["Variant"]
+  header = [first_header]
   cells = [[] for _ in rows]
   for family in families:
     for metric in metric_names:
@@ -338,6 +340,88 @@ def winners_table(
   return _markdown(header, labels, cells)
 
 
+# What each diagnostic row decodes (`inference.DIAGNOSTICS`), as the report labels it.
+DIAGNOSTIC_LABELS = {
+  "tokenizer_all": "tokenizer: true tokens, all six levels",
+  "tokenizer_fs": "tokenizer: true tokens, FS level alone",
+  "teacher_forced": "teacher-forced: argmax over the true prefix",
+  "rollout": "free rollout (argmax)",
+}
+# The steps from the target down to the rollout: (from row, to row, what loses the SSIM between,
+# the two ends).
+_LOSS_STEPS = (
+  (None, "tokenizer_all", "the tokenizer", "target → ceiling"),
+  ("tokenizer_all", "teacher_forced", "the per-scale prediction", "ceiling → teacher-forced"),
+  ("teacher_forced", "rollout", "reading its own tokens", "teacher-forced → rollout"),
+)
+
+
+def _family_mean(metrics: Mapping, row: str, families: Sequence[str], protocol: str, metric: str):
+  values = [metrics.get(f"{row}/{f}/{protocol}/{metric}") for f in families]
+  values = [v for v in values if v is not None and np.isfinite(v)]
+  return float(np.mean(values)) if values else None
+
+
+def diagnostics_section(
+  metrics: Mapping,
+  models: Sequence[str],
+  families: Sequence[str],
+  protocol: str,
+  metric_names: Sequence[str],
+  scale_names: Sequence[str],
+) -> str:
+  """Markdown of where each model loses quality: its diagnostic rows (`<model>/<diagnostic>`,
+  `DIAGNOSTIC_LABELS`) per family, the token accuracy per scale of the teacher-forced and free
+  predictions (`<model>/<mode>/accuracy/scale_<k>` in `metrics`, k from 1) and a line naming the
+  step that loses the most SSIM (family means).
+
+  Args:
+    metrics: the flat dict of `summarize` for the diagnostic rows, plus the accuracy keys.
+    models: the transformer models diagnosed.
+    families, protocol, metric_names: as in `ablation_table`.
+    scale_names: names of the predicted scales, e.g. `("Q16", "Q8", "Q4", "Q2", "QFS")`.
+  """
+  lines = [
+    "Each model's decoder fed ever less true information (the `diagnostics` rows of "
+    "`metrics.json`): the tokenizer's ceiling, one teacher-forced pass, the free rollout. The "
+    "largest drop in a column is where quality is lost.",
+  ]
+  rows = [f"{m}/{d}" for m in models for d in DIAGNOSTIC_LABELS]
+  labels = [f"{m}: {DIAGNOSTIC_LABELS[d]}" for m in models for d in DIAGNOSTIC_LABELS]
+  table = ablation_table(metrics, rows, labels, families, protocol, metric_names, "Decoded from")
+  lines += ["", table]
+  if "ssim" in metric_names:
+    lines.append("")
+    for m in models:
+      ssim = {
+        d: _family_mean(metrics, f"{m}/{d}", families, protocol, "ssim") for d in DIAGNOSTIC_LABELS
+      }
+      if any(v is None for v in ssim.values()):
+        continue
+      drops = [(1.0 if a is None else ssim[a]) - ssim[b] for a, b, _, _ in _LOSS_STEPS]
+      worst = int(np.argmax(drops))
+      steps = "; ".join(
+        f"{what} ({ends}) {d:.3f}" for (_, _, what, ends), d in zip(_LOSS_STEPS, drops, strict=True)
+      )
+      lines.append(
+        f"- **{m}**: SSIM lost from the target to the rollout, mean over families: "
+        f"{1.0 - ssim['rollout']:.3f}, most of it to {_LOSS_STEPS[worst][2]} ({steps})."
+      )
+  header = ["Token accuracy", *scale_names, "all"]
+  acc_labels, cells = [], []
+  for m in models:
+    for mode, label in (("teacher_forced", "teacher-forced"), ("rollout", "free rollout")):
+      key = f"{m}/{mode}/accuracy"
+      if key not in metrics:
+        continue
+      acc_labels.append(f"{m}: {label}")
+      per = [metrics.get(f"{key}/scale_{k + 1}") for k in range(len(scale_names))]
+      cells.append([f"{v:.3f}" if v is not None else "–" for v in per] + [f"{metrics[key]:.3f}"])
+  if cells:
+    lines += ["", _markdown(header, acc_labels, cells)]
+  return "\n".join(lines)
+
+
 def render_report(
   metrics: Mapping,
   *,
@@ -350,6 +434,7 @@ def render_report(
   metric_names: Sequence[str],
   title: str = "Evaluation",
   single_decoding: Sequence[str] = (),
+  diagnostics: str = "",
 ) -> str:
   """The whole `report.md`.
 
@@ -364,6 +449,7 @@ def render_report(
     title: the level-1 heading.
     single_decoding: models scored under the first decoding only (the baselines, which sample
       no tokens); they are left out of the decoding-variant tables.
+    diagnostics: `diagnostics_section`'s markdown, shown after the winners ("" for none).
   """
   lines = [f"# {title}", ""]
   lines += [f"- **{k}**: {v}" for k, v in header.items()]
@@ -381,6 +467,8 @@ def render_report(
     "metric and protocol; ties list every row."
   )
   lines += ["", winners_table(metrics, main_rows, families, protocols, metric_names)]
+  if diagnostics:
+    lines += ["", "## Where quality is lost", "", diagnostics]
   for protocol in protocols:
     lines += ["", f"## Protocol `{protocol}`"]
     for family in families:

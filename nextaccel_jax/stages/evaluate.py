@@ -43,6 +43,7 @@ from nextaccel_jax import export, inference, losses, sharding
 from nextaccel_jax.data import fastmri, masks, pipeline
 from nextaccel_jax.evaluation import dists_metric, evaluators, lpips_metric, report
 from nextaccel_jax.evaluation import metrics as np_metrics
+from nextaccel_jax.models import transformer as transformer_lib
 from nextaccel_jax.stages import common
 from nextaccel_jax.stages import data as data_stage
 
@@ -51,6 +52,8 @@ DECODINGS = ("argmax", "multinomial", "top_k", "top_p", "top_k_top_p")
 # Rows of a model with its measured R = 32 samples enforced (config.data_consistency).
 DC_SUFFIX = "+DC"
 LEVEL_NAMES = ("Q32", "+Q16", "+Q8", "+Q4", "+Q2", "+QFS")
+# The scales a transformer predicts (Q32 is given).
+SCALE_NAMES = ("Q16", "Q8", "Q4", "Q2", "QFS")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,7 +329,14 @@ def run(
   # The per-scale decodings come from the first token model (a baseline has none).
   first_model = next((m for m, _ in models if m not in baselines), None)
   want_levels = bool(config.figures.levels) and num_fig > 0 and first_model is not None
-  figs = {f: {"input": {}, "target": {}, "recon": {}, "levels": {}} for f in families}
+  figs = {f: {"input": {}, "target": {}, "recon": {}, "levels": {}, "diag": {}} for f in families}
+  # Diagnostics (where quality is lost) of every transformer model, first protocol and LPIPS net.
+  diag_models = [m for m, _ in models if m not in baselines] if config.get("diagnostics") else []
+  diag_scorer = evaluators.ImageScores(protocols[:1], nets[:1], slices)
+  diag_acc = {
+    m: evaluators.ScaleMeans(transformer_lib.sequence_layout(recs[m].transformer.patch_nums))
+    for m in diag_models
+  }
   first_decoding = decodings[0][0]
   scorer = evaluators.ImageScores(protocols, nets, slices, dists=use_dists)
   magnitude = jax.jit(losses.magnitude)
@@ -362,6 +372,18 @@ def run(
           figs[fam]["input"][r] = zero[i]
           figs[fam]["target"][r] = target[i]
       has_fig = any(r in fig_records for _, _, r in rows)
+      for name in diag_models:
+        out = recs[name].diagnose(batch["levels"], batch["family"])
+        for mode in ("teacher_forced", "rollout"):
+          correct = sharding.to_host(out[f"{mode}_correct_BL"])
+          diag_acc[name].add(f"{mode}/accuracy", correct, valid.astype(bool))
+        for diag in inference.DIAGNOSTICS:
+          pred = sharding.to_host(magnitude(out[diag]))
+          diag_scorer.add(f"{name}/{diag}", pred[idx], target[idx], fams, row_records)
+          if name == diag_models[0]:
+            for i, fam, r in rows:
+              if r in fig_records:
+                figs[fam]["diag"].setdefault(diag, {})[r] = pred[i]
       for name, rec in recs.items():
         for dec, sampling in decodings[: 1 if name in baselines else None]:
           rng = None if sampling.greedy else jax.random.fold_in(jax.random.key(config.seed), k)
@@ -395,6 +417,11 @@ def run(
       bar.update(k + 1)
   scores = scorer.scores()
   metrics = report.summarize(scores, slices)
+  diag_metrics = report.summarize(diag_scorer.scores(), slices)
+  for name, acc in diag_acc.items():
+    for mode in ("teacher_forced", "rollout"):
+      diag_metrics.update({f"{name}/{k}": v for k, v in acc.result(f"{mode}/accuracy").items()})
+  metrics.update({f"diagnostics/{k}": v for k, v in diag_metrics.items()})
   wall = time.time() - start_time
 
   num_volumes = len({info["file_name"] for info in slices.values()})
@@ -433,6 +460,16 @@ def run(
       models=row_models,
       decodings=[d for d, _ in decodings],
       single_decoding=[m for m in row_models if m.removesuffix(DC_SUFFIX) in baselines],
+      diagnostics=report.diagnostics_section(
+        diag_metrics,
+        diag_models,
+        families,
+        protocols[0],
+        ("psnr", "ssim") + tuple(f"lpips_{n}" for n in nets[:1]),
+        SCALE_NAMES,
+      )
+      if diag_models
+      else "",
       families=families,
       protocols=protocols,
       contrasts=contrasts,
@@ -460,6 +497,15 @@ def _write_figures(folder, figs, records, slices, want_levels: bool, first_model
     report.family_figure(
       folder / f"{family}.png", inputs, recons, target, row_labels=labels, title=family
     )
+    if f["diag"]:
+      report.family_figure(
+        folder / f"{family}_diagnostics.png",
+        inputs,
+        {d: np.stack([f["diag"][d][r] for r in records]) for d in f["diag"]},
+        target,
+        row_labels=labels,
+        title=f"{family}: {first_model}, tokenizer ceiling → teacher-forced → rollout",
+      )
     if want_levels and f["levels"]:
       levels = np.stack([f["levels"][r] for r in records])
       k = levels.shape[1]

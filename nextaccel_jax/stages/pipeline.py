@@ -60,6 +60,8 @@ def stage_configs(config: ml_collections.ConfigDict, workdir) -> dict:
   for name in ("data", "aqvae", "student", "teacher", "distill", "unet", "evaluate"):
     c = _copy(config[name])
     c.data.data_dir = data_dir
+    if "seed" in c:
+      c.seed = config.seed
     out[name] = c
   # Only the pipeline's first stage builds; a later stage finding no dataset is a real error.
   for name in ("aqvae", "student", "teacher", "distill", "unet", "evaluate"):

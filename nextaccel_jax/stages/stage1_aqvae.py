@@ -420,7 +420,7 @@ def eval_step(state: TrainState, batch: dict, *, model):
 
 
 def build_step(
-  config: ml_collections.ConfigDict, mesh, frozen: dict, total_steps: int
+  config: ml_collections.ConfigDict, mesh, frozen: dict, total_steps: int, steps_per_epoch: int = 1
 ) -> common.StageStep:
   """The AQ-VAE step on `mesh`: `train(state, batch, frozen) -> (state, metrics)` (the state
   donated) and `evals["eval"](state, batch)` (the magnitudes `evaluate` scores).
@@ -430,9 +430,10 @@ def build_step(
     mesh: The device mesh.
     frozen: `load_frozen`'s networks (LPIPS, the discriminator's tower), already placed.
     total_steps: Length of the learning-rate schedule.
+    steps_per_epoch: Steps of one epoch: the schedule's warm-up and decay count in epochs.
   """
   model = make_model(config)
-  tx, schedule = optim.optimizer_from_config(config.optim, total_steps)
+  tx, schedule = optim.optimizer_from_config(config.optim, total_steps, steps_per_epoch)
   disc = make_discriminator(config)
   disc_tx = make_disc_optimizer(config) if disc is not None else None
   state, state_sharding = create_train_state(
@@ -601,9 +602,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   seed_codebook = _wants_codebook_init(config)
   mesh = sharding.mesh_from_config(config)
   splits = data_stage.training_splits(config, workdir)
-  _, total_steps = common.schedule_length(config, len(splits[0]))
+  steps_per_epoch, total_steps = common.schedule_length(config, len(splits[0]))
   frozen = load_frozen(config, make_discriminator(config), mesh)
-  step = build_step(config, mesh, frozen, total_steps)
+  step = build_step(config, mesh, frozen, total_steps, steps_per_epoch)
   step.compile(config, mesh, "aqvae")
 
   ckpt = common.checkpointer(config, workdir, "recon_all/ssim")

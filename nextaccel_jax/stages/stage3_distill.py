@@ -187,8 +187,7 @@ def train_step(
   seed=0,
 ):
   """One distillation step on a global batch `{levels [B,6,H,W,2], family [B]}`."""
-  rng = jax.random.fold_in(jax.random.key(seed), state.step)
-  rng_roll, rng_drop = jax.random.split(rng)
+  rng_roll = jax.random.fold_in(jax.random.key(seed), state.step)
   rollout = on_policy_batch(
     model,
     teacher,
@@ -204,13 +203,10 @@ def train_step(
   layout = transformer_lib.sequence_layout(model.patch_nums)
 
   def loss_fn(params):
+    # Scored without drop path, like the rollout it scores: the KL is then taken under the very
+    # policy that sampled the tokens (with drop path on, it would be a randomly thinned one).
     logits, _ = model.apply(
-      {"params": params},
-      rollout["inputs_BLZ"],
-      rollout["context_BHW2"],
-      family,
-      train=True,
-      rngs={"dropout": rng_drop},
+      {"params": params}, rollout["inputs_BLZ"], rollout["context_BHW2"], family, train=False
     )
     loss, aux = losses.distillation_kl(logits, rollout["teacher_logits_BLV"], layout, direction)
     return loss, (logits, aux["kl_scales"])

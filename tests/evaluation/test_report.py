@@ -184,3 +184,29 @@ def test_a_single_contrast_has_no_separate_all_columns(scores):
   m = report.summarize(scores, SLICES)
   text = report.family_table(m, ["zero_filled"], "radial", "paper", ["T1"], ["psnr"])
   assert text.splitlines()[0] == "| Method | T1 PSNR ↑ |"
+
+
+def test_diagnostics_section_names_where_quality_is_lost():
+  families = ("radial", "cartesian_y")
+  ssim = {"tokenizer_all": 0.9, "tokenizer_fs": 0.7, "teacher_forced": 0.5, "rollout": 0.45}
+  metrics = {}
+  for diag, value in ssim.items():
+    for family in families:
+      metrics[f"m/{diag}/{family}/paper/ssim"] = value
+      metrics[f"m/{diag}/{family}/paper/psnr"] = 20 * value
+  for mode, acc in (("teacher_forced", 0.4), ("rollout", 0.3)):
+    metrics[f"m/{mode}/accuracy"] = acc
+    for k in range(1, 6):
+      metrics[f"m/{mode}/accuracy/scale_{k}"] = acc
+  text = report.diagnostics_section(
+    metrics, ["m"], families, "paper", ("psnr", "ssim"), ("Q16", "Q8", "Q4", "Q2", "QFS")
+  )
+  label = report.DIAGNOSTIC_LABELS["tokenizer_all"]
+  assert "| Decoded from | Radial PSNR ↑ | Radial SSIM ↑ |" in text
+  assert f"| m: {label} | **18.00** | **0.9000** | **18.00** | **0.9000** |" in text
+  # 1 → 0.9 → 0.5 → 0.45: the per-scale prediction loses the most (0.4 of 0.55).
+  assert "mean over families: 0.550, most of it to the per-scale prediction (" in text
+  assert (
+    "(target → ceiling) 0.100; the per-scale prediction (ceiling → teacher-forced) 0.400" in text
+  )
+  assert "| m: free rollout | 0.300 | 0.300 | 0.300 | 0.300 | 0.300 | 0.300 |" in text

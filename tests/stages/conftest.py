@@ -35,7 +35,7 @@ def tokenizer_dir(tmp_path_factory) -> str:
   config.loss.adversarial = 0.0
   mesh = sharding.make_mesh()
   model = aqvae.make_model(config)
-  tx, _ = optim.optimizer_from_config(config.optim, 4)
+  tx, _ = optim.optimizer_from_config(config.optim, 4, steps_per_epoch=1)
   state, _ = aqvae.create_train_state(config, model, tx, mesh, jax.random.key(3))
   d = tmp_path_factory.mktemp("aqvae")
   with checkpointing.Checkpointer(d) as ckpt:

@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import distill as distill_config
@@ -123,6 +124,31 @@ def test_gradient_reaches_only_the_student(tiny):
   g_student, g_teacher = grad(t["p_student"], t["p_teacher"], t["batch"])
   assert float(common.tree_norm(g_student)) > 0
   assert float(common.tree_norm(g_teacher)) == 0.0
+
+
+def test_scoring_pass_has_no_drop_path_like_the_rollout(tiny):
+  # The student scores its own rollout against itself as the teacher (same context): the KL is 0
+  # only if the scoring pass runs the policy that sampled, i.e. without drop path.
+  t = tiny
+  student = t["student"].clone(drop_path_rate=0.5)
+  levels = t["batch"]["levels"]
+  same = {"levels": levels.at[:, -1].set(levels[:, 0]), "family": t["batch"]["family"]}
+  tx = optax.sgd(0.0)
+  state = distill.TrainState(
+    step=jnp.zeros((), jnp.int32), params=t["p_student"], opt_state=tx.init(t["p_student"])
+  )
+  step = jax.jit(
+    functools.partial(
+      distill.train_step,
+      model=student,
+      teacher=student,
+      tokenizer=t["tokenizer"],
+      tx=tx,
+      sampling=inference.MULTINOMIAL,
+    )
+  )
+  _, out = step(state, same, t["tok_vars"], t["p_student"])
+  assert float(out["loss"]) == pytest.approx(0.0, abs=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

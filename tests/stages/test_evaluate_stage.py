@@ -136,6 +136,31 @@ def test_smoke_run_writes_a_consistent_report(smoke_data_dir, patched, tmp_path)
       assert im.format == "PNG" and im.size == report.grid_size(2, 10)
     with Image.open(tmp_path / "figures" / f"{family}_levels.png") as im:
       assert im.size == report.grid_size(2, 8)
+    # Input, the four diagnostic decodes (recon and error each), target.
+    with Image.open(tmp_path / "figures" / f"{family}_diagnostics.png") as im:
+      assert im.size == report.grid_size(2, 10)
+
+  # Diagnostics: the tokenizer's ceiling, teacher forcing and the free rollout of each model,
+  # first protocol and LPIPS net; the rollout is the argmax row, scored the same way.
+  assert "## Where quality is lost" in text
+  for model in ("base", "distilled"):
+    for diag in inference.DIAGNOSTICS:
+      for m in ("psnr", "ssim", "lpips_alex"):
+        assert np.isfinite(metrics[f"diagnostics/{model}/{diag}/radial/paper/{m}"])
+      assert f"| {model}: {report.DIAGNOSTIC_LABELS[diag]} |" in text
+    assert metrics[f"diagnostics/{model}/rollout/radial/paper/ssim"] == pytest.approx(
+      metrics[f"{model}/argmax/radial/paper/ssim"]
+    )
+    assert "fastmri" not in "".join(k for k in metrics if k.startswith(f"diagnostics/{model}/"))
+    for mode in ("teacher_forced", "rollout"):
+      accuracy = [metrics[f"diagnostics/{model}/{mode}/accuracy/scale_{k}"] for k in range(1, 6)]
+      assert all(0.0 <= a <= 1.0 for a in accuracy)
+    # Scale 1 reads the true Q32 in both modes.
+    assert metrics[f"diagnostics/{model}/rollout/accuracy/scale_1"] == pytest.approx(
+      metrics[f"diagnostics/{model}/teacher_forced/accuracy/scale_1"]
+    )
+    assert f"- **{model}**: SSIM lost from the target to the rollout, mean over families" in text
+  assert "| Token accuracy | Q16 | Q8 | Q4 | Q2 | QFS | all |" in text
 
 
 def test_dists_off_without_the_package_is_said(smoke_data_dir, patched, tmp_path, monkeypatch):
@@ -175,4 +200,6 @@ def test_config_presets():
     assert config.batch_size % 8 == 0
     assert config.lpips_nets == ("alex", "vgg") and config.dists
   assert eval_config.get_config("demo").decoding == ("argmax", "multinomial", "top_k", "top_p")
-  assert eval_config.get_config("paper").decoding == ("argmax",)
+  assert eval_config.get_config("paper").decoding == ("argmax", "top_k_top_p")
+  paper = eval_config.get_config("paper").sampling
+  assert (paper.top_k, paper.top_p) == (900, 0.96)
