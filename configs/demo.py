@@ -21,12 +21,13 @@ from configs import common, pipeline
 PRESETS = ("demo", "long", "smoke")
 
 # Training lengths of the two demo budgets, in epochs of the 96 training slices (the U-Net in
-# steps). The U-Net's counts are sized to the wall time of aqvae + student on two idle cores
-# (≈ 1.1 s per AQ-VAE step at batch 4, 3.3 s per student step at batch 8, 0.22 s per U-Net step);
-# pipeline.md and the report's header compare the measured times.
+# steps). Per step on two idle cores, validation included: AQ-VAE ≈ 1.5 s (batch 4), student and
+# teacher ≈ 4.5 s, distillation ≈ 8.5 s (batch 8), U-Net ≈ 0.19 s (batch 8). The half-hour run gives
+# the U-Net less than aqvae + student's wall time; the long one sizes it to that wall time (≈ 50
+# min). pipeline.md and the report's header compare the measured times.
 EPOCHS = {
-  "demo": {"aqvae": 10, "student": 10, "teacher": 4, "distill": 2, "unet_steps": 2700},
-  "long": {"aqvae": 40, "student": 40, "teacher": 12, "distill": 6, "unet_steps": 12000},
+  "demo": {"aqvae": 12, "student": 9, "teacher": 3, "distill": 2, "unet_steps": 1500},
+  "long": {"aqvae": 36, "student": 36, "teacher": 8, "distill": 4, "unet_steps": 16000},
 }
 
 

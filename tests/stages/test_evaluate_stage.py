@@ -199,7 +199,10 @@ def test_config_presets():
     assert list(config.models.keys()) == ["base", "distilled", "unet", "varnet"]
     assert config.batch_size % 8 == 0
     assert config.lpips_nets == ("alex", "vgg") and config.dists
-  assert eval_config.get_config("demo").decoding == ("argmax", "multinomial", "top_k", "top_p")
-  assert eval_config.get_config("paper").decoding == ("argmax", "top_k_top_p")
+  for preset in ("paper", "demo"):
+    assert eval_config.get_config(preset).decoding == ("argmax", "top_k_top_p")
   paper = eval_config.get_config("paper").sampling
   assert (paper.top_k, paper.top_p) == (900, 0.96)
+  # Each preset keeps top-k at the paper's share of its vocabulary (900 / 4096).
+  for preset, vocab in (("demo", 512), ("smoke", 64)):
+    assert eval_config.get_config(preset).sampling.top_k == round(900 / 4096 * vocab)
