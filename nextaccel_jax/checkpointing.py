@@ -33,11 +33,22 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from nextaccel_jax import ConfigError, MissingInputError
 
 _STATE = "state"
 _META = "meta"
 _CHECKPOINTS_DIR = "checkpoints"
 _BEST_DIR = "best"
+# Where `restore_newest_intact` keeps checkpoints that no longer restore.
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
 def abstract_like(state) -> Any:
@@ -124,7 +135,7 @@ class Checkpointer:
         before `save` returns, so the saved state may be donated right away.
     """
     if best_mode not in ("max", "min"):
-      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+      raise ConfigError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     # Orbax needs absolute paths; a relative workdir (runs/demo) is resolved against the cwd.
     self.workdir = os.path.abspath(os.fspath(workdir))
     self.best_metric = best_metric
@@ -285,11 +296,11 @@ class Checkpointer:
     steps = sorted(manager.all_steps())
     kind = "best" if best else "periodic"
     if not steps:
-      raise FileNotFoundError(f"no {kind} checkpoint in workdir {self.workdir}")
+      raise MissingInputError(f"no {kind} checkpoint in workdir {self.workdir}")
     if step is None:
       step = steps[-1]
     if int(step) not in steps:
-      raise FileNotFoundError(
+      raise MissingInputError(
         f"no {kind} checkpoint at step {step} in workdir {self.workdir}; saved steps: {steps}"
       )
     restored = manager.restore(
@@ -300,11 +311,69 @@ class Checkpointer:
     )
     return restored[_STATE], dict(restored[_META] or {})
 
+  def restore_newest_intact(self, abstract_state):
+    """Restores the newest periodic checkpoint that reads back, setting damaged newer ones aside.
+
+    A checkpoint that fails to restore while an older one restores is damaged (a write cut off,
+    a file lost): it is moved to `workdir/damaged_checkpoints/<step>` (kept, never deleted) with a
+    warning naming its step and path, and the run goes on from the older one. When no
+    checkpoint restores, the cause is more likely the state layout (a changed config) than
+    damage, so nothing is moved and the error lists what each step gave.
+
+    Args:
+      abstract_state: As for `restore`.
+
+    Returns:
+      `(state, meta, step)`, or None when there is no periodic checkpoint.
+
+    Raises:
+      ConfigError: No checkpoint restores.
+    """
+    self._periodic.wait_until_finished()
+    steps = sorted(self._periodic.all_steps(), reverse=True)
+    failed: list[tuple[int, Exception]] = []
+    for step in steps:
+      try:
+        state, meta = self.restore(abstract_state, step)
+      except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many kinds on damage.
+        failed.append((step, e))
+        continue
+      for bad, error in failed:
+        self._set_aside(bad, error, step)
+      if failed:
+        self._periodic.reload()
+      return state, meta, step
+    if not failed:
+      return None
+    tried = "; ".join(f"step {s}: {_first_line(e)}" for s, e in failed)
+    raise ConfigError(
+      f"no checkpoint in {self.workdir}/{_CHECKPOINTS_DIR} restores into this run's state "
+      f"(a changed config, or every checkpoint damaged): {tried}"
+    )
+
+  def _set_aside(self, step: int, error: Exception, fallback: int) -> None:
+    source = os.path.join(self.workdir, _CHECKPOINTS_DIR, str(step))
+    aside = os.path.join(self.workdir, DAMAGED_DIR, str(step))
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      if os.path.exists(aside):
+        aside = f"{aside}.{len(os.listdir(os.path.dirname(aside)))}"
+      os.replace(source, aside)
+    multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+    logging.warning(
+      "checkpoint step %d at %s does not restore (%s); moved it to %s and resumed from step %d",
+      step,
+      source,
+      _first_line(error),
+      aside,
+      fallback,
+    )
+
   def _pick(self, best: bool):
     if not best:
       return self._periodic
     if self._best is None:
-      raise ValueError("this Checkpointer was created with keep_best=False")
+      raise ConfigError("this Checkpointer was created with keep_best=False")
     return self._best
 
   @staticmethod
@@ -368,7 +437,7 @@ def find_checkpoint(
   """
   source = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if not os.path.isdir(source):
-    raise FileNotFoundError(f"{field}={path}: no such directory")
+    raise MissingInputError(f"{field}={path}: no such directory")
   best_dir = os.path.join(source, _BEST_DIR)
   periodic_dir = os.path.join(source, _CHECKPOINTS_DIR)
   if os.path.isdir(best_dir) or os.path.isdir(periodic_dir):
@@ -388,7 +457,7 @@ def find_checkpoint(
       found = steps[-1] if step is None else int(step)
       stored = manager.item_metadata(found)
       if _STATE not in stored.keys() or stored[_STATE] is None:
-        raise ValueError(f"{field}={path}: the checkpoint at {directory}/{found} has no 'state'")
+        raise ConfigError(f"{field}={path}: the checkpoint at {directory}/{found} has no 'state'")
       try:
         meta = manager.restore(found, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         meta = meta[_META]
@@ -397,7 +466,7 @@ def find_checkpoint(
     return StoredCheckpoint(path, directory, kind, found, stored[_STATE].tree, dict(meta or {}))
   at = "" if step is None else f" at step {step}"
   looked = "; ".join(seen) or ", ".join(d for _, d in candidates)
-  raise FileNotFoundError(f"{field}={path}: no checkpoint{at} (looked in {looked})")
+  raise MissingInputError(f"{field}={path}: no checkpoint{at} (looked in {looked})")
 
 
 def _path_str(path) -> str:
@@ -431,7 +500,7 @@ def check_shapes(actual, expected, what: str) -> None:
   if problems:
     shown = "; ".join(problems[:6])
     more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
-    raise ValueError(f"{what}: {shown}{more}")
+    raise ConfigError(f"{what}: {shown}{more}")
 
 
 def _host_args(tree):
@@ -465,7 +534,7 @@ def restore_checkpoint(
       stored = ckpt.tree
       missing = [k for k in abstract if not isinstance(stored, Mapping) or k not in stored]
       if missing:
-        raise ValueError(
+        raise ConfigError(
           f"{what}: the checkpoint state at {ckpt.directory}/{ckpt.step} has no "
           f"{', '.join(map(repr, missing))}"
         )
@@ -513,10 +582,10 @@ def existing_dir(value: str, field: str, hint: str) -> str:
     FileNotFoundError: If it is not a directory.
   """
   if not value:
-    raise ValueError(f"{field} is empty: {hint}")
+    raise ConfigError(f"{field} is empty: {hint}")
   path = os.path.expanduser(os.fspath(value))
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{field}={value}: no such directory ({hint})")
+    raise MissingInputError(f"{field}={value}: no such directory ({hint})")
   return path
 
 
@@ -531,14 +600,14 @@ def read_run_config(workdir: str | os.PathLike, *, required: bool = True) -> dic
   if not os.path.isfile(path):
     if not required:
       return {}
-    raise FileNotFoundError(f"{workdir}: no config.json at {path} (a training workdir writes one)")
+    raise MissingInputError(f"{workdir}: no config.json at {path} (a training workdir writes one)")
   try:
     with open(path, encoding="utf-8") as f:
       config = json.load(f)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from e
+    raise ConfigError(f"{path} is not valid JSON: {e}") from e
   if not isinstance(config, dict):
-    raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    raise ConfigError(f"{path}: expected a JSON object, got {type(config).__name__}")
   return config
 
 
@@ -569,20 +638,20 @@ def resolve_tokenizer_from(
   if explicit:
     path = os.path.abspath(os.path.expanduser(os.fspath(explicit)))
     if not os.path.isdir(path):
-      raise FileNotFoundError(f"{flag}={path}: no such directory (a stage-1 workdir)")
+      raise MissingInputError(f"{flag}={path}: no such directory (a stage-1 workdir)")
     return path
   recorded = [
     p for p in (run_config.get("tokenizer_from"), (run_meta or {}).get("tokenizer_from")) if p
   ]
   if not recorded:
-    raise ValueError(f"{where} records no tokenizer_from: pass the stage-1 workdir as {how}")
+    raise ConfigError(f"{where} records no tokenizer_from: pass the stage-1 workdir as {how}")
   tried = []
   for p in recorded:
     path = os.path.abspath(os.path.expanduser(p))
     if os.path.isdir(path):
       return path
     tried.append(path)
-  raise FileNotFoundError(
+  raise MissingInputError(
     f"tokenizer workdir not found: {where} records tokenizer_from={recorded[0]!r} "
     f"(tried {', '.join(dict.fromkeys(tried))}); pass {how}"
   )

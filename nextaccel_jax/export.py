@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nextaccel_jax import checkpointing, inference
+from nextaccel_jax import ConfigError, MissingInputError, SetupError, checkpointing, inference
 from nextaccel_jax.data import fastmri_brain_multiscale, masks, transforms
 from nextaccel_jax.models import aqvae as aqvae_lib
 from nextaccel_jax.models import fields as fields_lib
@@ -159,7 +159,7 @@ def data_conventions(
     single_coil: whether the R = 32 inputs were formed single-coil (None: unknown).
   """
   if norm is not None and norm not in NORM_DESCRIPTIONS:
-    raise ValueError(f"norm must be one of {', '.join(NORM_DESCRIPTIONS)} or None, got {norm!r}")
+    raise ConfigError(f"norm must be one of {', '.join(NORM_DESCRIPTIONS)} or None, got {norm!r}")
   return {
     "layout": f"float32 [B, {image_size}, {image_size}, 2]: (real, imag) of the complex "
     "coil-combined image",
@@ -183,7 +183,7 @@ def _check_json(meta, what: str):
   try:
     return json.loads(json.dumps(meta, allow_nan=True))
   except (TypeError, ValueError) as e:
-    raise ValueError(f"{what} must be JSON-serialisable: {e}") from e
+    raise ConfigError(f"{what} must be JSON-serialisable: {e}") from e
 
 
 def _record(tokenizer, tokenizer_variables, transformer, transformer_params, image_size, meta):
@@ -196,7 +196,7 @@ def _record(tokenizer, tokenizer_variables, transformer, transformer_params, ima
       single_coil=meta.get("single_coil"),
     )
   except ValueError as e:
-    raise ValueError(f"meta['norm']: {e}") from e
+    raise ConfigError(f"meta['norm']: {e}") from e
   return {
     "format": FORMAT,
     "version": VERSION,
@@ -223,14 +223,14 @@ def _prepare(
 ):
   """Builds both modules, checks the variables against them; returns `Exported` (no meta)."""
   if not isinstance(image_size, int | np.integer) or image_size <= 0:
-    raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    raise ConfigError(f"image_size must be a positive int, got {image_size!r}")
   tokenizer = aqvae_lib.from_fields(tokenizer_fields, "tokenizer_fields")
   transformer = transformer_lib.from_fields(transformer_fields, tokenizer, "transformer_fields")
   if not isinstance(tokenizer_variables, Mapping) or not {"params", "vq_ema"} <= set(
     tokenizer_variables
   ):
     got = list(tokenizer_variables) if isinstance(tokenizer_variables, Mapping) else "no mapping"
-    raise ValueError(f'tokenizer_variables must hold "params" and "vq_ema", got {got}')
+    raise ConfigError(f'tokenizer_variables must hold "params" and "vq_ema", got {got}')
   tok_vars = {k: tokenizer_variables[k] for k in ("params", "vq_ema")}
   params = _bare_params(transformer_params)
   checkpointing.check_shapes(
@@ -317,7 +317,7 @@ def export(
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   _check_target(path, overwrite)
   if jax.process_count() > 1:
-    raise ValueError("export runs in a single process (it writes host copies of the arrays)")
+    raise ConfigError("export runs in a single process (it writes host copies of the arrays)")
   ex = _prepare(
     tokenizer_fields, tokenizer_variables, transformer_fields, transformer_params, image_size
   )
@@ -377,34 +377,34 @@ def read_meta(path: str | os.PathLike) -> dict:
   """
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"export {path}: no such directory")
+    raise MissingInputError(f"export {path}: no such directory")
   if not os.path.isdir(os.path.join(path, _META)):
     hint = (
       " (it looks like a training workdir: use export_from_workdirs or load_reconstructor)"
       if _looks_like_workdir(path)
       else ""
     )
-    raise ValueError(
+    raise ConfigError(
       f"{path} is not a nextaccel_jax export: it has no '{_META}' metadata item{hint}"
     )
   with _checkpointer() as ckptr:
     try:
       record = ckptr.restore(path, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
-      raise ValueError(f"{path} is not a readable nextaccel_jax export: {e}") from e
+      raise ConfigError(f"{path} is not a readable nextaccel_jax export: {e}") from e
   record = record[_META]
   if not isinstance(record, Mapping) or record.get("format") != FORMAT:
     got = record.get("format") if isinstance(record, Mapping) else type(record).__name__
-    raise ValueError(f"{path} is not a nextaccel_jax export: format {got!r}, expected {FORMAT!r}")
+    raise ConfigError(f"{path} is not a nextaccel_jax export: format {got!r}, expected {FORMAT!r}")
   version = record.get("version")
   if version not in SUPPORTED_VERSIONS:
-    raise ValueError(
+    raise ConfigError(
       f"export {path} has format version {version!r}; this nextaccel_jax reads version(s) "
       f"{', '.join(map(str, SUPPORTED_VERSIONS))}"
     )
   for key in ("image_size", "tokenizer", "transformer"):
     if key not in record:
-      raise ValueError(f"export {path}: metadata lacks {key!r}")
+      raise ConfigError(f"export {path}: metadata lacks {key!r}")
   return dict(record)
 
 
@@ -431,7 +431,7 @@ def load_export(path: str | os.PathLike) -> Exported:
     for item, want in ((_TOKENIZER, want_tok), (_TRANSFORMER, want_tr)):
       tree = stored[item] if item in stored.keys() else None
       if tree is None:
-        raise ValueError(f"export {path}: the '{item}' item is missing")
+        raise ConfigError(f"export {path}: the '{item}' item is missing")
       checkpointing.check_shapes(
         tree.tree, want, f"export {path}: '{item}' arrays do not match its fields"
       )
@@ -461,28 +461,28 @@ def _read_config(workdir: str) -> tuple[dict, str]:
   """The stage-2/3 run's config.json, checked for what rebuilding its models needs."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
-    raise FileNotFoundError(
+    raise MissingInputError(
       f"transformer_from={workdir}: no config.json at {path} (a stage-2/3 training workdir "
       "writes one)"
     )
   config = checkpointing.read_run_config(workdir)
   if config.get("stage") == "aqvae":
-    raise ValueError(
+    raise ConfigError(
       f"{path}: stage 'aqvae' is the tokenizer; transformer_from wants a stage-2/3 workdir "
       "(pass the stage-1 workdir as tokenizer_from)"
     )
   if config.get("stage") == BASELINE_STAGE:
-    raise ValueError(
+    raise ConfigError(
       f"{path}: a {config.get('model_name')} baseline run; an export holds a tokenizer and a "
       "transformer, while a baseline is read from its workdir (load_reconstructor, or "
       "config.models.<name>=<workdir> in the evaluation)"
     )
   for key in ("model", "tokenizer"):
     if not isinstance(config.get(key), dict):
-      raise ValueError(f"{path}: missing field config.{key} (a JSON object)")
+      raise ConfigError(f"{path}: missing field config.{key} (a JSON object)")
   size = (config.get("data") or {}).get("image_size")
   if not isinstance(size, int) or size <= 0:
-    raise ValueError(f"{path}: config.data.image_size must be a positive int, got {size!r}")
+    raise ConfigError(f"{path}: config.data.image_size must be a positive int, got {size!r}")
   return config, path
 
 
@@ -493,13 +493,13 @@ def _make_modules(config: dict, config_path: str):
       config["tokenizer"], f"{config_path}: config.tokenizer", remat=False
     )
   except (TypeError, ValueError) as e:
-    raise ValueError(f"{config_path}: config.tokenizer does not build an AQVAE: {e}") from e
+    raise ConfigError(f"{config_path}: config.tokenizer does not build an AQVAE: {e}") from e
   try:
     transformer = transformer_lib.from_fields(
       config["model"], tokenizer, f"{config_path}: config.model"
     )
   except (TypeError, ValueError) as e:
-    raise ValueError(
+    raise ConfigError(
       f"{config_path}: config.model does not build a NextAccelTransformer: {e}"
     ) from e
   return tokenizer, transformer
@@ -537,7 +537,7 @@ def load_workdirs(
   """
   workdir = os.path.abspath(os.path.expanduser(os.fspath(transformer_from)))
   if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"transformer_from={workdir}: no such directory (a stage-2/3 workdir)")
+    raise MissingInputError(f"transformer_from={workdir}: no such directory (a stage-2/3 workdir)")
   config, config_path = _read_config(workdir)
   image_size = int(config["data"]["image_size"])
   tokenizer, transformer = _make_modules(config, config_path)
@@ -632,12 +632,12 @@ def load_baseline(
   config = checkpointing.read_run_config(workdir)
   where = os.path.join(workdir, "config.json")
   if config.get("stage") != BASELINE_STAGE:
-    raise ValueError(f"{where}: stage {config.get('stage')!r} is not a baseline run")
+    raise ConfigError(f"{where}: stage {config.get('stage')!r} is not a baseline run")
   size = (config.get("data") or {}).get("image_size")
   if not isinstance(size, int) or size <= 0:
-    raise ValueError(f"{where}: config.data.image_size must be a positive int, got {size!r}")
+    raise ConfigError(f"{where}: config.data.image_size must be a positive int, got {size!r}")
   if not isinstance(config.get("model"), dict):
-    raise ValueError(f"{where}: missing field config.model (a JSON object)")
+    raise ConfigError(f"{where}: missing field config.model (a JSON object)")
   single_coil = bool((config.get("data") or {}).get("single_coil"))
   model = inference.make_baseline(
     str(config.get("model_name")),
@@ -680,7 +680,7 @@ def load_reconstructor(
   """
   path = os.path.expanduser(os.fspath(source))
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{source}: no such stage-2/3 workdir or export folder")
+    raise MissingInputError(f"{source}: no such stage-2/3 workdir or export folder")
   if os.path.isfile(os.path.join(path, "config.json")):
     if checkpointing.read_run_config(path).get("stage") == BASELINE_STAGE:
       return load_baseline(path, best=best)
@@ -747,7 +747,7 @@ def _main(argv) -> None:
       best=not f.latest,
       overwrite=f.overwrite,
     )
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
+  except (SetupError, FileExistsError) as e:
     raise SystemExit(f"nextaccel_jax.export: {e}") from e
   print(f"wrote {path}\n{describe(read_meta(path))}")
 

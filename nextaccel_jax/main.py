@@ -18,12 +18,15 @@ or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (flags win)
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from nextaccel_jax import ConfigError, SetupError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
@@ -126,9 +129,37 @@ def initialize_distributed(
   return True
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class QuietThirdParty(std_logging.Filter):
+  """Keeps the project's own log records and the warnings of other libraries.
+
+  Orbax logs every file operation at INFO (hundreds of lines per stage), TFDS and absl more,
+  and Orbax warns "Given directory is read only" on every plain read of a finished run; all of
+  that breaks the progress display and hides what the run says.
+  """
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.pathname.startswith(_PACKAGE_DIR):
+      return True
+    if record.levelno < std_logging.WARNING:
+      return False
+    return "is read only" not in record.getMessage()
+
+
+def quiet_third_party_logs() -> None:
+  """Installs `QuietThirdParty` on the absl handler (which every library's logging reaches)."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, QuietThirdParty) for f in handler.filters):
+    handler.addFilter(QuietThirdParty())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    quiet_third_party_logs()
   config = _CONFIG.value
   stages = _stages()
   stage = config.get("stage")
@@ -154,14 +185,67 @@ def main(argv):
     jax.default_backend(),
   )
   try:
+    check_workdir(_WORKDIR.value)
     stages[stage](config, _WORKDIR.value)
-  except (FileNotFoundError, ValueError) as e:
-    # Set-up mistakes (missing data, previous stage or weights) get one clear line, not a trace.
+  except SetupError as e:
+    # Set-up mistakes (missing data, previous stage or weights) get one clear line; a fault of
+    # the code raises anything else and keeps its traceback.
     if os.environ.get("NEXTACCEL_TRACEBACK"):
       raise
-    print(f"error: {e}\n(set NEXTACCEL_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
-    sys.exit(2)
+    _exit_with(f"{e} [NEXTACCEL_TRACEBACK=1 shows where]")
+
+
+def check_workdir(workdir: str) -> None:
+  """Raises `ConfigError` when `workdir` exists and is not a folder."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir} is a file, not a folder; choose a new folder")
+
+
+def _exit_with(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def config_error_line(error: BaseException, argv: list[str]) -> str:
+  """One line for a config that does not load: a wrong preset or a mistyped `--config.<field>`.
+
+  `ml_collections` reports an unknown field as an AttributeError (its first line the quoted
+  field, then its own "Did you mean" hint) and a failing `get_config` as a flags error holding
+  the whole traceback; the user needs the field, the hint and the last line of that traceback.
+  """
+  if isinstance(error, AttributeError | KeyError):
+    text = str(error.args[0] if error.args else error)
+    lines = [ln.strip() for ln in text.strip("'\"").replace("\\n", "\n").split("\n") if ln]
+    field = lines[0].strip("'\"\\") if lines else "?"
+    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and field in a), "")
+    hint = next((ln.strip("'\"") for ln in lines[1:] if ln.startswith("Did you mean")), "")
+    where = f"{flag}: " if flag else ""
+    return f"{where}config has no field {field!r}" + (
+      f"; {hint[0].lower()}{hint[1:]}" if hint else ""
+    )
+  lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+  head = lines[0] if lines else type(error).__name__
+  # The flag's own line names the file and preset; the traceback's last line says what failed.
+  last = lines[-1] if len(lines) > 1 and "Traceback" in str(error) else ""
+  head = head.split(": Error whilst parsing config file")[0]
+  return f"{head}: {last}" if last else head
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config files that fail to load reported in one line."""
+  try:
+    argv = flags.FLAGS(argv)
+    # A missing config file is only reported when the config is first read, with a trace.
+    path = (flags.FLAGS["config"].config_filename or "").split(":", 1)[0]
+    if path and not os.path.isfile(path):
+      raise ConfigError(f"--config: no such config file {path}")
+    return argv
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    if os.environ.get("NEXTACCEL_TRACEBACK"):
+      raise
+    _exit_with(config_error_line(e, argv))
+    raise  # unreachable: `_exit_with` exits
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 import jax
 import optax
 
+from nextaccel_jax import ConfigError
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 # Parameters that are not weight matrices: biases, norm scales, embedding tables, positional
@@ -71,9 +73,9 @@ def make_schedule(
     ValueError: For an unknown schedule or inconsistent step counts.
   """
   if schedule not in SCHEDULES:
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
   if total_steps <= 0 or not 0 <= warmup_steps <= total_steps or decay_steps < 0:
-    raise ValueError(
+    raise ConfigError(
       f"need 0 <= warmup_steps <= total_steps, total_steps > 0 and decay_steps >= 0, got "
       f"warmup_steps={warmup_steps}, total_steps={total_steps}, decay_steps={decay_steps}"
     )
@@ -94,7 +96,7 @@ def make_schedule(
 def epochs_to_steps(epochs: float, steps_per_epoch: int, total_steps: int) -> int:
   """Whole steps of `epochs` epochs (at least 1 for a positive count), at most `total_steps`."""
   if epochs < 0:
-    raise ValueError(f"an epoch count must be >= 0, got {epochs}")
+    raise ConfigError(f"an epoch count must be >= 0, got {epochs}")
   steps = round(epochs * steps_per_epoch)
   return min(max(steps, 1 if epochs > 0 else 0), total_steps)
 
@@ -172,7 +174,7 @@ def optimizer_from_config(optim, total_steps: int, steps_per_epoch: int = 0):
   warmup, decay = optim.get("warmup_steps", 0), 0
   if "warmup_epochs" in optim:
     if steps_per_epoch < 1:
-      raise ValueError("optim.warmup_epochs needs the number of steps per epoch")
+      raise ConfigError("optim.warmup_epochs needs the number of steps per epoch")
     warmup = epochs_to_steps(optim.warmup_epochs, steps_per_epoch, total_steps)
     decay = epochs_to_steps(optim.get("decay_epochs", 0), steps_per_epoch, total_steps - warmup)
   schedule = make_schedule(
@@ -254,10 +256,10 @@ def step_schedule(
     ValueError: For a non-positive length or a decay point outside (0, 1].
   """
   if total_steps <= 0:
-    raise ValueError(f"total_steps must be positive, got {total_steps}")
+    raise ConfigError(f"total_steps must be positive, got {total_steps}")
   bad = [f for f in decay_at if not 0.0 < f <= 1.0]
   if bad:
-    raise ValueError(f"decay_at must lie in (0, 1] (fractions of the run), got {bad}")
+    raise ConfigError(f"decay_at must lie in (0, 1] (fractions of the run), got {bad}")
   boundaries: dict[int, float] = {}
   for f in decay_at:
     b = max(int(round(f * total_steps)), 1)
@@ -275,7 +277,7 @@ def baseline_optimizer(optim, total_steps: int):
   decay), which `add_decayed_weights` ahead of the optimizer reproduces.
   """
   if optim.name not in BASELINE_OPTIMIZERS:
-    raise ValueError(
+    raise ConfigError(
       f"config.optim.name must be one of {', '.join(BASELINE_OPTIMIZERS)}, got {optim.name!r}"
     )
   try:
@@ -286,7 +288,7 @@ def baseline_optimizer(optim, total_steps: int):
       factor=optim.decay_factor,
     )
   except ValueError as e:
-    raise ValueError(f"config.optim (decay_at={tuple(optim.decay_at)}): {e}") from e
+    raise ConfigError(f"config.optim (decay_at={tuple(optim.decay_at)}): {e}") from e
   parts = []
   if optim.grad_clip and optim.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip))

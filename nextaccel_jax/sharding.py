@@ -28,6 +28,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from nextaccel_jax import ConfigError
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 # Axes the batch is split over, in this order, where the mesh has them.
@@ -59,13 +61,13 @@ def make_mesh(
   names = tuple(str(name) for name, _ in axes)
   sizes = [int(size) for _, size in axes]
   if len(set(names)) != len(names):
-    raise ValueError(f"mesh axes {axes} repeat a name")
+    raise ConfigError(f"mesh axes {axes} repeat a name")
   known = int(np.prod([s for s in sizes if s != -1]))
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes) or n % max(known, 1):
-    raise ValueError(f"mesh axes {axes} do not fit {n} devices")
+    raise ConfigError(f"mesh axes {axes} do not fit {n} devices")
   sizes = [n // known if s == -1 else s for s in sizes]
   if int(np.prod(sizes)) != n:
-    raise ValueError(
+    raise ConfigError(
       f"mesh axes {dict(zip(names, sizes, strict=True))} use {np.prod(sizes)} of {n} devices"
     )
   return jax.make_mesh(
@@ -113,17 +115,17 @@ def _check_rules(rules) -> list[tuple[re.Pattern, object]]:
   out = []
   for i, rule in enumerate(rules):
     if len(rule) != 2:
-      raise ValueError(f"sharding rule {i} {rule!r} is not a (regex, spec) pair")
+      raise ConfigError(f"sharding rule {i} {rule!r} is not a (regex, spec) pair")
     pattern, spec = rule
     if isinstance(spec, str) and spec not in _SPEC_NAMES:
-      raise ValueError(
+      raise ConfigError(
         f"sharding rule {i} ({pattern!r}): spec {spec!r} is not one of {_SPEC_NAMES} or a tuple "
         "of mesh axes per dimension"
       )
     try:
       out.append((re.compile(pattern), spec))
     except re.error as e:
-      raise ValueError(f"sharding rule {i}: {pattern!r} is not a valid regex ({e})") from e
+      raise ConfigError(f"sharding rule {i}: {pattern!r} is not a valid regex ({e})") from e
   return out
 
 
@@ -144,7 +146,7 @@ def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh, min_size: int) -> P:
 def _explicit_spec(spec, shape, mesh: Mesh, name: str, pattern: str) -> P:
   spec = tuple(spec)
   if len(spec) != len(shape):
-    raise ValueError(
+    raise ConfigError(
       f"sharding rule {pattern!r} gives {len(spec)} axes for {name} of shape {shape}"
     )
   for axis, dim in zip(spec, shape, strict=True):
@@ -152,10 +154,10 @@ def _explicit_spec(spec, shape, mesh: Mesh, name: str, pattern: str) -> P:
       continue
     for a in (axis,) if isinstance(axis, str) else tuple(axis):
       if a not in mesh.axis_names:
-        raise ValueError(f"sharding rule {pattern!r}: no mesh axis {a!r} (mesh {mesh.shape})")
+        raise ConfigError(f"sharding rule {pattern!r}: no mesh axis {a!r} (mesh {mesh.shape})")
     size = math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis))
     if dim % size:
-      raise ValueError(
+      raise ConfigError(
         f"sharding rule {pattern!r}: {name} of shape {shape} cannot split a dimension of "
         f"{dim} over {axis!r} ({size} devices)"
       )
@@ -272,7 +274,7 @@ def per_process_batch(global_batch_size: int, mesh: Mesh | None = None) -> int:
   ways = batch_divisor(mesh) if mesh is not None else jax.device_count()
   if global_batch_size % ways or global_batch_size % jax.process_count():
     axes = "×".join(batch_axes(mesh)) if mesh is not None else DATA_AXIS
-    raise ValueError(
+    raise ConfigError(
       f"global batch size {global_batch_size} is not divisible by the {ways} devices of the "
       f"'{axes}' mesh axes (and the {jax.process_count()} processes)"
     )

@@ -14,6 +14,8 @@ the initial values themselves are not under test.
 from __future__ import annotations
 
 import math
+import os
+import pathlib
 from typing import Any
 
 import jax
@@ -129,3 +131,13 @@ def stage_step(
   p_teacher = transformer.init_params(teacher, rbg_key(seed + 2), size)["params"]
   p_teacher = sharding.place(p_teacher, mesh, config, prefix="frozen/")
   return stage3_distill.build_step(config, mesh, (tok_vars, p_teacher), total_steps, p_student)
+
+
+def damage_checkpoint(step_dir: str | os.PathLike) -> None:
+  """Overwrites every array data file of a saved Orbax checkpoint step with zeros of the same
+  size, as a disk fault or a cut-off copy leaves it; its metadata still reads."""
+  data = [p for p in pathlib.Path(step_dir).rglob("*") if p.is_file() and p.parent.name == "d"]
+  if not data:
+    raise FileNotFoundError(f"no array data files under {step_dir}")
+  for p in data:
+    p.write_bytes(b"\0" * p.stat().st_size)

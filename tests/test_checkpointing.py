@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nextaccel_jax import checkpointing, sharding
+from nextaccel_jax import ConfigError, checkpointing, sharding, testing
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +153,34 @@ def test_async_save_is_visible_to_reads(mesh, tmp_path):
     assert ckpt.save(1, state)
     restored, _ = ckpt.restore(checkpointing.abstract_like(state))
   _assert_same(restored, state)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_and_is_kept_aside(mesh, tmp_path, caplog):
+  with checkpointing.Checkpointer(tmp_path, max_to_keep=3) as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, _state(mesh, offset=float(step)), meta={"at": step})
+  testing.damage_checkpoint(tmp_path / "checkpoints" / "3")
+  with checkpointing.Checkpointer(tmp_path, max_to_keep=3) as ckpt:
+    state, meta, step = ckpt.restore_newest_intact(checkpointing.abstract_like(_state(mesh)))
+    assert (step, meta["at"]) == (2, 2)
+    assert ckpt.all_steps() == [1, 2]
+    # The run goes on and saves its step 3 again where the damaged one was.
+    assert ckpt.save(3, _state(mesh, offset=9.0))
+  _assert_same(state, _state(mesh, offset=2.0))
+  assert (tmp_path / "damaged_checkpoints" / "3" / "state").is_dir()
+  assert any(
+    "checkpoint step 3" in r.getMessage() and "step 2" in r.getMessage() for r in caplog.records
+  )
+
+
+def test_no_restorable_checkpoint_moves_nothing(mesh, tmp_path):
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.restore_newest_intact(checkpointing.abstract_like(_state(mesh))) is None
+    ckpt.save(1, _state(mesh))
+  # A state of another layout (a changed config) fails on every step: nothing is set aside.
+  other = {"params": {"w": jax.ShapeDtypeStruct((5,), jnp.float32)}}
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(ConfigError, match="no checkpoint in .* restores .* step 1"):
+      ckpt.restore_newest_intact(other)
+    assert ckpt.all_steps() == [1]
+  assert not (tmp_path / "damaged_checkpoints").exists()

@@ -1,10 +1,12 @@
 """The command line: clear one-line errors for set-up mistakes, multi-host detection."""
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+from absl.testing import flagsaver
 
 from nextaccel_jax import main
 
@@ -48,6 +50,59 @@ def test_missing_previous_stage_and_missing_data(tmp_path):
   assert out.returncode == 2
   assert "fastmri_brain_multiscale/fastmri is not built" in out.stderr
   assert "manual_dir" in out.stderr and "configs/demo.py" in out.stderr
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--config=configs/aqvae.py:huge"], "unknown preset 'huge'; choose one of paper, demo, smoke"),
+    (
+      ["--config=configs/aqvae.py:smoke", "--config.num_epoch=1"],
+      "--config.num_epoch: config has no field 'num_epoch'; did you mean \"num_epochs\"",
+    ),
+    (["--config=configs/aqvae.py:smoke", "--config.optim.nope=1"], "no field 'nope'"),
+    (["--config=configs/no_such.py"], "--config: no such config file configs/no_such.py"),
+  ],
+)
+def test_config_mistakes_end_with_one_line(tmp_path, args, message):
+  out = _cli(*args, tmp_path=tmp_path)
+  assert out.returncode == 2
+  # Everything but absl's log lines (`I1203 18:30:03.5 ...`) is what the user reads.
+  errors = [ln for ln in out.stderr.splitlines() if not re.match(r"[IWEF]\d{4} ", ln)]
+  assert len(errors) == 1 and errors[0].startswith("error: "), out.stderr
+  assert message in errors[0]
+
+
+def test_a_workdir_that_is_a_file_ends_with_one_line(tmp_path):
+  (tmp_path / "work").write_text("not a folder")
+  out = _cli("--config=configs/aqvae.py:smoke", tmp_path=tmp_path)
+  assert out.returncode == 2
+  assert "Traceback" not in out.stderr
+  assert f"--workdir={tmp_path / 'work'} is a file, not a folder" in out.stderr
+  assert (tmp_path / "work").read_text() == "not a folder"
+
+
+def test_a_fault_inside_a_stage_keeps_its_traceback(tmp_path, monkeypatch):
+  def broken(config, workdir):
+    raise ValueError("an internal fault")
+
+  def setup(config, workdir):
+    raise main.ConfigError("config.x: a set-up mistake")
+
+  monkeypatch.setattr(main, "_stages", lambda: {"aqvae": broken, "data": setup})
+  monkeypatch.setattr(main, "initialize_distributed", lambda *a: False)
+  monkeypatch.delenv("NEXTACCEL_TRACEBACK", raising=False)
+  args = ["prog", f"--workdir={tmp_path / 'w'}"]
+  with flagsaver.flagsaver():
+    main.parse_flags(args + ["--config=configs/aqvae.py:smoke"])
+    # Not a set-up error: `main` lets it through, so absl prints the whole trace.
+    with pytest.raises(ValueError, match="an internal fault"):
+      main.main(["prog"])
+  with flagsaver.flagsaver():
+    main.parse_flags(args + ["--config=configs/data.py:smoke"])
+    with pytest.raises(SystemExit) as exit_info:
+      main.main(["prog"])
+    assert exit_info.value.code == 2
 
 
 @pytest.mark.parametrize(

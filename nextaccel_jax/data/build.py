@@ -4,15 +4,18 @@
   python -m nextaccel_jax.data.build --config=fastmri --manual_dir=/data/fastmri_brain \\
       --data_dir=$TFDS_DATA_DIR --num_workers=8
 
-Re-running after an interruption resumes: preprocessed volumes are cached per file.
+Re-running after an interruption resumes: preprocessed volumes are cached per file (a replaced
+file is preprocessed again), and the `incomplete.*` folder a killed build left is removed. Files
+and slices that cannot be used are skipped and listed at the end with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
+import sys
 
+from nextaccel_jax import ConfigError
 from nextaccel_jax.data import fastmri_brain_multiscale as fbm
 
 
@@ -28,26 +31,28 @@ def build(
     config: a builder config name or a `MultiscaleConfig` (for custom settings).
     data_dir: TFDS data dir.
     manual_dir: real fastMRI folder (source "fastmri" only).
-    num_workers: override the config's preprocessing processes.
+    num_workers: processes for preprocessing volumes (default: the config's `num_workers`); it does
+      not change which dataset is built.
   """
   import tensorflow_datasets as tfds
 
   if isinstance(config, str):
     by_name = {c.name: c for c in fbm.BUILDER_CONFIGS}
     if config not in by_name:
-      raise ValueError(f"unknown builder config {config!r}; choose one of {sorted(by_name)}")
+      raise ConfigError(f"unknown builder config {config!r}; choose one of {sorted(by_name)}")
     config = by_name[config]
-  if num_workers is not None:
-    config = dataclasses.replace(config, num_workers=num_workers)
   if config.source == "fastmri" and manual_dir is None:
-    raise ValueError(
+    raise ConfigError(
       "building from real fastMRI needs manual_dir (the folder holding multicoil_train/ and "
       "multicoil_val/). Without fastMRI access, build the synthetic `demo` config instead.\n"
       + fbm.MANUAL_DOWNLOAD_INSTRUCTIONS
     )
   data_dir = os.path.expanduser(str(data_dir)) if data_dir else None
-  builder = fbm.FastmriBrainMultiscale(config=config, data_dir=data_dir)
+  builder = fbm.FastmriBrainMultiscale(config=config, data_dir=data_dir, num_workers=num_workers)
   dl_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
+  if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+    # TFDS's bars redraw with carriage returns: in a log file they are walls of one line.
+    tfds.disable_progress_bar()
   builder.download_and_prepare(download_config=dl_config)
   return builder
 

@@ -3,7 +3,8 @@
 The offline half of the preprocessing in decisions.md §2, per slice:
 
 1. geometry check: skip volumes whose k-space is narrower than the recon width ("narrow FLAIR", spec
-   §1.3), that have fewer than 2 coils, or whose recon grid is smaller than the crop;
+   §1.3), that have fewer than 2 coils, whose recon grid is smaller than the crop, or whose header
+   `encodedSpace` disagrees with the k-space shape;
 2. remove the readout oversampling (`ifft2c`, centre crop to the recon size, spec §1.4) and bring
    wide recon grids (384) to a 320 grid by cropping k-space, which keeps the FOV (0.6875 mm pixels);
 3. SVD coil compression to a few virtual coils;
@@ -109,8 +110,20 @@ def check_geometry(
   """Raises `SkipVolume` when `volume` cannot give a `crop`-sized image (spec §4.2 step 1).
 
   Works on metadata alone, so it can run on a `scan_directory` result before any k-space is read.
+
+  The header's `encodedSpace` (x, y) must equal the k-space `(H, W)`. When they disagree the volume
+  is skipped rather than built on either guess: the k-space is what was stored, but the recon size
+  that removes its oversampling comes from the same header, which evidently describes some other
+  grid, so neither can be trusted (and a wrong header would otherwise pass as a narrow FLAIR).
   """
   _, num_coils, enc_h, enc_w = volume.kspace_shape
+  hdr_h, hdr_w = (int(s) for s in volume.header.encoded_size[:2])
+  if (hdr_h, hdr_w) != (enc_h, enc_w):
+    raise SkipVolume(
+      volume.path,
+      f"header encodedSpace {hdr_h}x{hdr_w} disagrees with k-space {enc_h}x{enc_w}, so its "
+      "recon size cannot be trusted either",
+    )
   problem = _geometry_problem((num_coils, enc_h, enc_w), volume.header, crop, harmonise_to)
   if problem is not None:
     raise SkipVolume(volume.path, problem)

@@ -28,6 +28,9 @@ ISMRMRD_NS = "http://www.ismrm.org/ISMRMRD"
 ACQUISITIONS = ("AXT1", "AXT1PRE", "AXT1POST", "AXT2", "AXFLAIR")
 CONTRAST_GROUPS = ("T1", "T2", "FLAIR")
 _GROUP_OF = {"AXT1": "T1", "AXT1PRE": "T1", "AXT1POST": "T1", "AXT2": "T2", "AXFLAIR": "FLAIR"}
+# Real releases carry variants of the five names (`AXT1PRE_FS`, `AXT2_FS`, ...); a variant
+# belongs to the group of the base name it starts with.
+_GROUP_PREFIXES = (("AXFLAIR", "FLAIR"), ("AXT1", "T1"), ("AXT2", "T2"))
 
 
 class FastMRIFileError(ValueError):
@@ -40,13 +43,25 @@ class FastMRIFileError(ValueError):
 
 
 def contrast_group(acquisition: str) -> str:
-  """Maps an `acquisition` attribute to T1 / T2 / FLAIR (decisions.md §2); ValueError if unknown."""
-  try:
-    return _GROUP_OF[acquisition]
-  except KeyError:
-    raise ValueError(
-      f"unknown acquisition {acquisition!r}; expected one of {', '.join(ACQUISITIONS)}"
-    ) from None
+  """Maps an `acquisition` attribute to T1 / T2 / FLAIR (decisions.md §2).
+
+  The five names of `ACQUISITIONS` map as listed in `_GROUP_OF`. Any other value is placed by its
+  prefix: `AXFLAIR*` → FLAIR, `AXT1*` → T1, `AXT2*` → T2, so `AXT1PRE_FS` is T1 and `AXT2_FS` is
+  T2. The raw value is stored with every example, so a different grouping can be recomputed.
+
+  Raises:
+    ValueError: the value matches neither a known name nor a prefix (e.g. `AXPD`, `SAGT1`).
+  """
+  group = _GROUP_OF.get(acquisition)
+  if group is not None:
+    return group
+  for prefix, group in _GROUP_PREFIXES:
+    if acquisition.startswith(prefix):
+      return group
+  raise ValueError(
+    f"unknown acquisition {acquisition!r}: it is none of {', '.join(ACQUISITIONS)} and starts "
+    "with none of AXFLAIR, AXT1, AXT2, so it has no T1/T2/FLAIR contrast group"
+  )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
-from nextaccel_jax import sharding
+from nextaccel_jax import ConfigError, MissingInputError, sharding
 from nextaccel_jax.data import (
   fastmri_brain_multiscale,  # noqa: F401  (registers the builder)
   masks,
@@ -42,7 +42,7 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike | None = None)
   """
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
-    raise FileNotFoundError(
+    raise MissingInputError(
       f"dataset {name} is not built in {builder.data_dir}; build it with "
       f"`python -m nextaccel_jax.data.build --config={name.split('/')[-1]} --data_dir=...` "
       "(real fastMRI also needs --manual_dir=<folder with multicoil_train/ and multicoil_val/>, "
@@ -51,7 +51,11 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike | None = None)
     )
   sources = builder.as_data_source()
   if split not in sources:
-    raise KeyError(f"dataset {name} has no split {split!r}; it has {sorted(sources)}")
+    # A build leaves out a test split without usable volumes (only masked test files, say).
+    raise ConfigError(
+      f"dataset {name} in {builder.data_dir} has no split {split!r}; it has {sorted(sources)} "
+      f"(choose one of those, e.g. --config.split=validation)"
+    )
   return sources[split]
 
 
@@ -82,9 +86,9 @@ class IndexSampler:
 
   def __post_init__(self):
     if self.num_records <= 0:
-      raise ValueError("IndexSampler: the split has no records")
+      raise ConfigError("IndexSampler: the split has no records")
     if self.global_batch_size % self.process_count:
-      raise ValueError(
+      raise ConfigError(
         f"global batch {self.global_batch_size} not divisible by {self.process_count} processes"
       )
 
@@ -295,7 +299,7 @@ class EvalLoader:
     self.families = tuple(masks.canonical_family(f) for f in families)
     n = len(source) if max_records is None else min(max_records, len(source))
     if n == 0:
-      raise ValueError("EvalLoader: the split has no records")
+      raise ConfigError("EvalLoader: the split has no records")
     # Family-major order keeps each family's slices contiguous for per-family reports.
     self.items = [(f, i) for f in self.families for i in range(n)]
 
@@ -307,7 +311,7 @@ class EvalLoader:
     ex = self.source[i]
     fid = masks.family_id(fam)
     if ex["levels"].shape[0] == 0:
-      raise ValueError(
+      raise ConfigError(
         "EvalLoader: this split stores no eval levels (a train split built without "
         "store_train_levels); evaluate on validation or test"
       )

@@ -34,7 +34,7 @@ import ml_collections
 from absl import logging
 from flax import traverse_util
 
-from nextaccel_jax import checkpointing
+from nextaccel_jax import ConfigError, checkpointing
 from nextaccel_jax.evaluation import report
 from nextaccel_jax.models import fields as fields_lib
 from nextaccel_jax.models import transformer as transformer_lib
@@ -70,12 +70,12 @@ def variant_names(config: ml_collections.ConfigDict) -> list[str]:
   """`config.variants` in order, checked: the reference among them, names usable as rows."""
   names = list(config.variants.keys())
   if config.reference not in names:
-    raise ValueError(
+    raise ConfigError(
       f"config.reference={config.reference!r} is not one of config.variants ({', '.join(names)})"
     )
   for name in names:
     if "/" in name or name == report.ZERO_FILLED:
-      raise ValueError(
+      raise ConfigError(
         f"config.variants.{name}: a variant name must not hold '/' or be {report.ZERO_FILLED!r}"
       )
   return names
@@ -93,13 +93,13 @@ def variant_config(config: ml_collections.ConfigDict, name: str) -> ml_collectio
   known |= {f"model.{f}" for f in fields_lib.field_names(transformer_lib.NextAccelTransformer)}
   for key in traverse_util.flatten_dict(overrides, sep="."):
     if key not in known:
-      raise ValueError(
+      raise ConfigError(
         f"config.variants.{name}.{key}: neither config.student nor the transformer has a field "
         f"{key} to override"
       )
   out.update(overrides)
   if out.model.role != "student":
-    raise ValueError(f"config.variants.{name}: the ablations train students, not {out.model.role}")
+    raise ConfigError(f"config.variants.{name}: the ablations train students, not {out.model.role}")
   return out
 
 
@@ -254,7 +254,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     record = state["stages"].get(name, {})
     if record.get("done"):
       if recorded != record.get("config"):
-        raise ValueError(
+        raise ConfigError(
           f"{root / name} finished with a different config than it would get now; use a new "
           f"--workdir, or delete {root / name} and its entry in {state_path} to redo it"
         )

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from nextaccel_jax import inference, losses, optim, sharding
+from nextaccel_jax import ConfigError, inference, losses, optim, sharding
 from nextaccel_jax.data import pipeline
 from nextaccel_jax.evaluation import evaluators
 from nextaccel_jax.models import layers
@@ -70,9 +70,11 @@ def loss_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
   weights = {k: float(v) for k, v in config.loss.items()}
   unknown = sorted(set(weights) - set(LOSS_TERMS))
   if unknown:
-    raise ValueError(f"config.loss.{unknown[0]}: no such loss term; known: {', '.join(LOSS_TERMS)}")
+    raise ConfigError(
+      f"config.loss.{unknown[0]}: no such loss term; known: {', '.join(LOSS_TERMS)}"
+    )
   if not any(w > 0 for w in weights.values()):
-    raise ValueError("config.loss: every weight is 0; set config.loss.l1 or config.loss.ssim > 0")
+    raise ConfigError("config.loss: every weight is 0; set config.loss.l1 or config.loss.ssim > 0")
   return weights
 
 

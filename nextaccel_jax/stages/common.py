@@ -1,7 +1,8 @@
 """Loop plumbing shared by the stage modules, as small functions (style.md §2 "Entry and stages").
 
 - Logging: `MetricWriter` appends one JSON object per logged step to `workdir/metrics.jsonl` and
-  writes `workdir/config.json` (big_vision's writer); `Progress` is a tqdm bar for terminals.
+  writes `workdir/config.json` (big_vision's writer); `Progress` is a tqdm bar in terminals and
+  notebooks and a line every minute in log files.
 - Checks and measurements: `tree_norm` for the grad/param/update norms every log line carries,
   `check_finite` for the NaN abort, `StepTimer` and `periodic`.
 - Start-up: `compile_train_step` compiles the jitted step ahead of time from abstract inputs,
@@ -27,10 +28,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tqdm
+import tensorboardX
+import tqdm.auto
 from absl import logging
 
-from nextaccel_jax import checkpointing, sharding
+from nextaccel_jax import ConfigError, checkpointing, sharding
 from nextaccel_jax.data import pipeline
 
 
@@ -62,16 +64,21 @@ class MetricWriter:
     workdir: The folder of the metrics file and `config.json`.
   """
 
-  def __init__(self, workdir, *, filename: str = "metrics.jsonl"):
+  def __init__(self, workdir, *, filename: str = "metrics.jsonl", tensorboard: bool = True):
     """Opens `workdir/filename` for appending, so a resumed job continues the same file.
 
     Args:
       workdir: Stage working directory; created if missing.
       filename: Name of the JSONL file.
+      tensorboard: Also write TensorBoard event files into `workdir` (tags `<split>/<name>`),
+        so `tensorboard --logdir <pipeline workdir>` shows every stage as a run.
     """
     self.workdir = os.fspath(workdir)
     self.path = os.path.join(self.workdir, filename)
     self._file = None
+    self._tensorboard = tensorboard
+    self._events = None
+    self._purge_step = None
     if _is_chief():
       os.makedirs(self.workdir, exist_ok=True)
       self._file = open(self.path, "a", encoding="utf-8")
@@ -103,6 +110,45 @@ class MetricWriter:
     self._file.write(json.dumps(record) + "\n")
     # A crashed job should still leave every line it logged.
     self._file.flush()
+    if self._tensorboard:
+      if self._events is None:
+        # A resumed run purges the events past its restored step, as `drop_after` does here.
+        # The suffix keeps a file of a run resumed within the same second from overwriting the
+        # previous run's (the default name has one-second resolution).
+        self._events = tensorboardX.SummaryWriter(
+          self.workdir, purge_step=self._purge_step, filename_suffix=f".{time.time_ns()}"
+        )
+      for name, value in record.items():
+        if name not in ("step", "split") and isinstance(value, int | float):
+          self._events.add_scalar(f"{split}/{name}", value, int(step))
+
+  def drop_after(self, step: int) -> int:
+    """Removes the lines of steps after `step`, which a resumed run is about to log again.
+
+    A job that stopped past its last checkpoint (killed, or resumed from an older checkpoint
+    because the newest was damaged) has logged steps it will now repeat; without this they
+    would appear twice. A line cut off mid-write goes too. Returns the number of lines removed.
+    """
+    if self._file is None:
+      return 0
+    self._purge_step = int(step) + 1 if step > 0 else None
+    self._file.close()
+    with open(self.path, encoding="utf-8") as f:
+      lines = f.readlines()
+    kept = []
+    for line in lines:
+      try:
+        if int(json.loads(line)["step"]) <= step:
+          kept.append(line if line.endswith("\n") else line + "\n")
+      except (ValueError, KeyError, TypeError):
+        continue
+    if len(kept) != len(lines):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
+    self._file = open(self.path, "a", encoding="utf-8")
+    return len(lines) - len(kept)
 
   def write_config(self, config) -> None:
     """Writes `workdir/config.json` from a ConfigDict or a plain mapping."""
@@ -117,6 +163,9 @@ class MetricWriter:
     if self._file is not None:
       self._file.close()
       self._file = None
+    if self._events is not None:
+      self._events.close()
+      self._events = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,8 +283,31 @@ class StepTimer:
     return self._seconds / self._steps if self._steps else None
 
 
+def _in_notebook() -> bool:
+  # A Jupyter or Colab kernel: stderr is no terminal there, yet a widget bar draws fine.
+  shell = sys.modules.get("IPython")
+  ip = shell.get_ipython() if shell is not None and hasattr(shell, "get_ipython") else None
+  return ip is not None and "IPKernelApp" in getattr(ip, "config", {})
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 class Progress:
-  """A tqdm progress bar over training steps, shown only by process 0 on a terminal."""
+  """Progress of a stage over its steps, shown by process 0 in whatever the output is.
+
+  A terminal or a notebook gets a tqdm bar (`tqdm.auto`: a widget in Jupyter and Colab).
+  Anywhere else (a log file of a SLURM or TPU job, a pipe) a bar would be one endless line, so
+  a line like
+
+    aqvae 120/864 (14%) loss 0.1234 l1_loss 0.0959 | 0.82 steps/s, ETA 15m08s
+
+  is written every `every_s` seconds and at the last step, as CLU's `ReportProgress` does.
+  """
 
   def __init__(
     self,
@@ -245,29 +317,49 @@ class Progress:
     desc: str | None = None,
     enabled: bool | None = None,
     stream=None,
+    mode: str | None = None,
+    every_s: float = 60.0,
+    clock: Callable[[], float] = time.perf_counter,
   ):
-    """Creates the bar.
+    """Creates the display.
 
     Args:
       total: Last step.
       initial: Step the run starts from (a resumed job).
-      desc: Label in front of the bar.
-      enabled: Force the bar on or off; None shows it on process 0 when `stream` is a tty.
-      stream: Where to draw; stderr by default.
+      desc: Label in front of the bar or line.
+      enabled: Force the display on or off; None shows it on process 0.
+      stream: Where to write; stderr by default.
+      mode: "bar" or "lines"; None picks the bar on a terminal or in a notebook.
+      every_s: Seconds between progress lines in "lines" mode.
+      clock: Time source (tests pass a fake one).
     """
     stream = sys.stderr if stream is None else stream
-    if enabled is None:
-      enabled = _is_chief() and hasattr(stream, "isatty") and stream.isatty()
-    self.enabled = bool(enabled)
+    self.enabled = _is_chief() if enabled is None else bool(enabled)
+    if mode is None:
+      tty = hasattr(stream, "isatty") and stream.isatty()
+      mode = "bar" if tty or _in_notebook() else "lines"
+    if mode not in ("bar", "lines"):
+      raise ValueError(f"Progress mode must be 'bar' or 'lines', got {mode!r}")
+    self.mode = mode
+    self.total = int(total)
+    self.desc = desc or "step"
+    self._stream = stream
+    self._every_s = float(every_s)
+    self._clock = clock
     self._step = int(initial)
-    self._bar = tqdm.tqdm(
-      total=total,
-      initial=initial,
-      desc=desc,
-      file=stream,
-      disable=not self.enabled,
-      dynamic_ncols=True,
-    )
+    self._start = (clock(), int(initial))
+    self._last_line = clock()
+    self._postfix: dict[str, str] = {}
+    self._bar = None
+    if mode == "bar":
+      self._bar = tqdm.auto.tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        file=stream,
+        disable=not self.enabled,
+        dynamic_ncols=True,
+      )
 
   def __enter__(self) -> Progress:
     return self
@@ -276,22 +368,46 @@ class Progress:
     self.close()
 
   def update(self, step: int, **postfix) -> None:
-    """Moves the bar to `step` and shows `postfix` values (numbers to 4 significant digits)."""
+    """Moves to `step` and shows `postfix` values (numbers to 4 significant digits)."""
     step = int(step)
-    if not self.enabled:
-      self._step = step
-      return
     if postfix:
-      shown = {
-        k: f"{float(v):.4g}" if isinstance(v, int | float | np.generic | jax.Array) else v
-        for k, v in postfix.items()
-      }
-      self._bar.set_postfix(shown, refresh=False)
-    self._bar.update(step - self._step)
-    self._step = step
+      self._postfix.update(
+        {
+          k: f"{float(v):.4g}" if isinstance(v, int | float | np.generic | jax.Array) else str(v)
+          for k, v in postfix.items()
+        }
+      )
+    previous, self._step = self._step, step
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.set_postfix(self._postfix, refresh=False)
+      self._bar.update(step - previous)
+      return
+    now = self._clock()
+    if step >= self.total or now - self._last_line >= self._every_s:
+      self._last_line = now
+      print(self.line(now), file=self._stream, flush=True)
+
+  def line(self, now: float | None = None) -> str:
+    """The progress line for the current step."""
+    now = self._clock() if now is None else now
+    t0, s0 = self._start
+    done = max(self._step - s0, 0)
+    rate = done / (now - t0) if now > t0 and done else None
+    pct = 100.0 * self._step / self.total if self.total else 100.0
+    text = f"{self.desc} {self._step}/{self.total} ({pct:.0f}%)"
+    if self._postfix:
+      text += " " + " ".join(f"{k} {v}" for k, v in self._postfix.items())
+    if rate:
+      eta = (self.total - self._step) / rate
+      speed = f"{rate:.3g} steps/s" if rate >= 1 else f"{1 / rate:.3g} s/step"
+      text += f" | {speed}, ETA {_duration(eta)}"
+    return text
 
   def close(self) -> None:
-    self._bar.close()
+    if self._bar is not None:
+      self._bar.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,7 +466,7 @@ def device_memory_limit() -> int | None:
   return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
 
 
-class StepMemoryError(ValueError):
+class StepMemoryError(ConfigError):
   """The compiled train step needs more memory per device than the budget."""
 
 
@@ -472,7 +588,7 @@ def load_frozen_params(path: str, abstract, mesh, config, *, field: str, what: s
       what=f"{field}={path}: {what}",
     )
   except KeyError as e:
-    raise ValueError(f"{field}={path}: {what}: {e}") from e
+    raise ConfigError(f"{field}={path}: {what}: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -592,11 +708,12 @@ def loaders(
 
 
 def resume(ckpt: checkpointing.Checkpointer, state, workdir):
-  """`(state, resumed)`: the workdir's latest checkpoint when it has one, else `state` as is."""
-  start = ckpt.latest_step()
-  if start is None:
+  """`(state, resumed)`: the workdir's newest checkpoint that restores (damaged newer ones are
+  set aside, `Checkpointer.restore_newest_intact`), else `state` as is."""
+  restored = ckpt.restore_newest_intact(checkpointing.abstract_like(state))
+  if restored is None:
     return state, False
-  state, _ = ckpt.restore(checkpointing.abstract_like(state), start)
+  state, _, start = restored
   logging.info("resumed from %s at step %d", workdir, start)
   return state, True
 
@@ -645,6 +762,9 @@ def run_stage(
   train_src, val_src = splits
   steps_per_epoch, total_steps = schedule_length(config, len(train_src))
   writer = MetricWriter(workdir)
+  dropped = writer.drop_after(int(state.step))
+  if dropped:
+    logging.info("%s: dropped %d lines past step %d", writer.path, dropped, int(state.step))
   writer.write_config(config if written_config is None else written_config)
   logging.info(
     "%s, %d steps (%d per epoch), batch %d on %d devices",
@@ -679,9 +799,20 @@ def run_stage(
     ckpt.close()
     writer.close()
   if last and _is_chief():
-    with open(os.path.join(os.fspath(workdir), "final_metrics.json"), "w", encoding="utf-8") as f:
+    path = os.path.join(os.fspath(workdir), "final_metrics.json")
+    with open(path, "w", encoding="utf-8") as f:
       json.dump(last, f, indent=2)
+    print(f"{desc}: {headline(last)} (all in {path})", flush=True)
   return last
+
+
+def headline(metrics: Mapping[str, float]) -> str:
+  """The metrics a reader looks at first, on one line: the overall ones, not those per mask
+  family or per scale, nor the negated copies that pick the best checkpoint."""
+  keys = [
+    k for k in metrics if k.count("/") <= 1 and "/scale_" not in k and not k.startswith("neg_")
+  ]
+  return ", ".join(f"{k} {float(metrics[k]):.4g}" for k in keys)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -698,7 +829,7 @@ def load_run_state(path: str | os.PathLike) -> dict:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e}); delete it to rerun every stage") from e
+    raise ConfigError(f"{path}: not valid JSON ({e}); delete it to rerun every stage") from e
 
 
 def write_run_state(path: str | os.PathLike, state: dict) -> None:

@@ -21,6 +21,7 @@ import pathlib
 import ml_collections
 import numpy as np
 
+from nextaccel_jax import ConfigError
 from nextaccel_jax.data import build, masks, pipeline, transforms
 from nextaccel_jax.evaluation import metrics
 
@@ -119,7 +120,7 @@ def zero_filled_table(source, protocol: str = "paper", max_records: int | None =
   """
   n = len(source) if max_records is None else min(max_records, len(source))
   if n == 0:
-    raise ValueError("zero_filled_table: the split has no records")
+    raise ConfigError("zero_filled_table: the split has no records")
   table = {}
   for fam in masks.FAMILIES:
     fid = masks.family_id(fam)

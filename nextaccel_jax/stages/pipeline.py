@@ -10,8 +10,11 @@ Layout of the workdir:
 The U-Net baseline (`unet/`) trains on the same data for a fixed number of steps and is a row of
 the report; its wall time is reported next to stage 1 + student's, its budget.
 
-A finished stage is skipped on the next run; an interrupted one resumes from its checkpoints. A
-finished stage whose config has since changed is refused rather than silently reused.
+A finished stage is skipped on the next run; an interrupted one resumes from its checkpoints. When
+the config of a finished stage has since changed, the run names the fields (`plan_reruns`): fields
+that only change how a run is logged, checkpointed or validated (`RUN_ONLY_FIELDS`) keep the
+stage; any other change trains the stage again, and every stage built on it, after moving the
+previous folders aside to `<stage>.before-<time>` (kept, never deleted).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 import ml_collections
 from absl import logging
 
-from nextaccel_jax import export
+from nextaccel_jax import ConfigError, export
 from nextaccel_jax.stages import (
   baseline,
   common,
@@ -41,6 +44,103 @@ STEPS = ("data", "aqvae", "student", "teacher", "distill", "unet", "export", "ev
 # step count per preset; pipeline.md and the report's header give both times).
 BUDGET_STEPS = ("aqvae", "student")
 _STATE_FILE = "pipeline.json"
+
+
+# Stage config fields that change how a run is logged, checkpointed, resumed or validated, not
+# the weights it trains (dotted prefixes of the flattened config). A finished training stage whose
+# config differs only in these is kept; the evaluation is cheap and re-runs on any change.
+RUN_ONLY_FIELDS = (
+  "log_every",
+  "ckpt.",
+  "max_steps_per_run",
+  "memory.",
+  "eval.every",
+  "eval.batch_size",
+  "eval.max_records",
+  "eval.lpips_nets",
+  "data.num_workers",
+  "data.build",
+)
+
+
+def depends_on(config: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
+  """The steps each step reads the results of (what `stage_configs` wires between them)."""
+  return {
+    "data": (),
+    "aqvae": ("data",),
+    "student": ("data", "aqvae"),
+    "teacher": ("data", "aqvae") + (("student",) if config.teacher_from_student else ()),
+    "distill": ("data", "aqvae", "student", "teacher"),
+    "unet": ("data",),
+    "export": ("aqvae", "distill"),
+    "evaluate": ("data", "aqvae", "student", "export", "unet"),
+  }
+
+
+def _flat(tree, prefix: str = "") -> dict:
+  if not isinstance(tree, dict):
+    return {prefix.rstrip("."): tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}."))
+  return out
+
+
+def changed_fields(old: dict, new: dict) -> dict[str, tuple]:
+  """`{field: (old, new)}` of the dotted fields that differ (a missing one is None)."""
+  a, b = _flat(old or {}), _flat(new)
+  return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def trains_differently(step: str, field: str) -> bool:
+  """Whether a change of `field` in the config of `step` changes what the step produces."""
+  return step == "evaluate" or not any(
+    field == f.rstrip(".") or (f.endswith(".") and field.startswith(f)) for f in RUN_ONLY_FIELDS
+  )
+
+
+def plan_reruns(state: dict, configs: dict[str, dict], depends: dict, steps) -> tuple[dict, dict]:
+  """Which finished steps to run again, and which to keep with their record updated.
+
+  Args:
+    state: The `pipeline.json` record.
+    configs: Each step's config as it would run now (plain dicts, as recorded).
+    depends: `depends_on(config)`.
+    steps: The steps of this run, in order.
+
+  Returns:
+    `(redo, keep)`: `redo` maps a finished step to why it runs again (its changed fields, or the
+    earlier step it builds on that runs again); `keep` maps a finished step whose config changed
+    only in `RUN_ONLY_FIELDS` to those fields.
+  """
+  redo: dict[str, str] = {}
+  keep: dict[str, dict] = {}
+  for name in steps:
+    record = state["stages"].get(name, {})
+    if not record.get("done"):
+      continue
+    changed = changed_fields(record.get("config"), configs[name])
+    matters = {f: v for f, v in changed.items() if trains_differently(name, f)}
+    upstream = [d for d in depends[name] if d in redo]
+    if matters:
+      redo[name] = ", ".join(f"config.{name}.{f}: {v[0]!r} → {v[1]!r}" for f, v in matters.items())
+    elif upstream:
+      redo[name] = f"it builds on {', '.join(upstream)}, which runs again"
+    elif changed:
+      keep[name] = changed
+  return redo, keep
+
+
+def _set_aside(folder: pathlib.Path) -> pathlib.Path | None:
+  if not folder.exists():
+    return None
+  aside = folder.with_name(f"{folder.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+  n = 1
+  while aside.exists():
+    aside = folder.with_name(f"{folder.name}.before-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    n += 1
+  folder.rename(aside)
+  return aside
 
 
 def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -150,23 +250,34 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   root.mkdir(parents=True, exist_ok=True)
   unknown = [s for s in config.steps if s not in STEPS]
   if unknown:
-    raise ValueError(f"config.steps: unknown step(s) {unknown}; choose from {STEPS}")
+    raise ConfigError(f"config.steps: unknown step(s) {unknown}; choose from {STEPS}")
   configs = stage_configs(config, root)
   state_path = root / _STATE_FILE
   state = common.load_run_state(state_path)
   result: dict = {}
-  for name in config.steps:
-    cfg = configs[name].to_dict()
+  as_recorded = {n: json.loads(json.dumps(configs[n].to_dict(), default=str)) for n in configs}
+  redo, keep = plan_reruns(state, as_recorded, depends_on(config), config.steps)
+  for name, fields in keep.items():
+    listed = ", ".join(f"{f} ({a!r} → {b!r})" for f, (a, b) in fields.items())
+    print(f"[pipeline] {name}: kept; only run settings changed: {listed}")
+    state["stages"][name]["config"] = as_recorded[name]
+  for name, why in redo.items():
+    aside = _set_aside(root / name)
+    kept = f"; the previous run is in {aside}" if aside else ""
+    print(f"[pipeline] {name}: runs again ({why}){kept}")
+    del state["stages"][name]
+  if keep or redo:
+    common.write_run_state(state_path, state)
+  begun = time.perf_counter()
+  for k, name in enumerate(config.steps, 1):
+    tag = f"[pipeline {k}/{len(config.steps)}]"
+    cfg = as_recorded[name]
     record = state["stages"].get(name, {})
     if record.get("done"):
-      if json.loads(json.dumps(cfg, default=str)) != record.get("config"):
-        raise ValueError(
-          f"{root / name} finished with a different config than config.{name} now gives; "
-          f"use a new --workdir, or delete {root / name} and its entry in {state_path} to redo it"
-        )
-      print(f"[pipeline] {name}: done before ({record['wall_s'] / 60:.1f} min), skipped")
+      print(f"{tag} {name}: done before ({record['wall_s'] / 60:.1f} min), skipped")
       continue
-    print(f"[pipeline] {name} → {root / name}", flush=True)
+    so_far = (time.perf_counter() - begun) / 60
+    print(f"{tag} {name} → {root / name} ({so_far:.1f} min into this run)", flush=True)
     start = time.perf_counter()
     fn = _stage_fn(name)
     if name == "evaluate":
@@ -176,13 +287,12 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     state["stages"][name] = {"done": True, "wall_s": wall, "config": cfg}
     common.write_run_state(state_path, state)
     logging.info("pipeline: %s finished in %.1f min", name, wall / 60)
-    print(f"[pipeline] {name}: finished in {wall / 60:.1f} min", flush=True)
+    print(f"{tag} {name}: finished in {wall / 60:.1f} min", flush=True)
     if name == "evaluate":
       result = out
   summary = _summary(state, root)
   (root / "pipeline.md").write_text(summary)
+  # The summary ends with the report's path; the report itself (tables per family, protocol
+  # and model, figures) is read in a Markdown viewer, not scrolled past in a console.
   print(summary)
-  report = root / "evaluate" / "report.md"
-  if report.exists():
-    print(report.read_text())
   return result

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from nextaccel_jax import checkpointing, losses, optim, sharding
+from nextaccel_jax import ConfigError, checkpointing, losses, optim, sharding
 from nextaccel_jax.convert import checkpoints
 from nextaccel_jax.data import pipeline
 from nextaccel_jax.evaluation import evaluators
@@ -102,7 +102,7 @@ def _lpips_term(inp: LossInputs):
 
 def _adversarial_term(inp: LossInputs):
   if inp.disc_logits is None:
-    raise ValueError("config.loss.adversarial > 0 needs a discriminator (config.disc)")
+    raise ConfigError("config.loss.adversarial > 0 needs a discriminator (config.disc)")
   loss = losses.lsgan_g_loss(inp.disc_logits(inp.mag_hat_BHW), inp.gan_reduce)
   return loss, {"g_adv_loss": loss}
 
@@ -126,7 +126,7 @@ def total_loss(inp: LossInputs, weights: dict):
     if isinstance(weight, int | float) and not weight:
       continue
     if name not in LOSS_TERMS:
-      raise ValueError(f"config.loss.{name}: no such loss term; known: {sorted(LOSS_TERMS)}")
+      raise ConfigError(f"config.loss.{name}: no such loss term; known: {sorted(LOSS_TERMS)}")
     term, m = LOSS_TERMS[name](inp)
     loss = loss + weight * term.astype(jnp.float32)
     out.update(m)
@@ -193,7 +193,7 @@ def load_frozen(config: ml_collections.ConfigDict, disc, mesh) -> dict:
         checkpoints.load_state_dict(config.disc.weights), **dict(config.disc.tower)
       )
       if report["unfilled_leaves"]:
-        raise ValueError(
+        raise ConfigError(
           f"config.disc.weights={config.disc.weights}: tower leaves missing from the file: "
           f"{report['unfilled_leaves'][:5]}"
         )
@@ -535,7 +535,7 @@ def init_codebook(config, state: TrainState, step: common.StageStep, train_src, 
   """
   n = int(config.codebook_init.batches)
   if n < 1:
-    raise ValueError(f"config.codebook_init.batches must be >= 1, got {n}")
+    raise ConfigError(f"config.codebook_init.batches must be >= 1, got {n}")
   model = step.models["model"]
   loader = pipeline.TrainLoader(
     train_src,
@@ -589,7 +589,7 @@ def _wants_codebook_init(config: ml_collections.ConfigDict) -> bool:
   if c is None:
     return False
   if c.method not in CODEBOOK_INITS:
-    raise ValueError(
+    raise ConfigError(
       f"config.codebook_init.method={c.method!r}; choose one of {', '.join(CODEBOOK_INITS)}"
     )
   return c.method == "kmeans++" and (not config.init_from or bool(c.after_init_from))

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from nextaccel_jax import checkpointing, inference, losses, sharding
+from nextaccel_jax import ConfigError, MissingInputError, checkpointing, inference, losses, sharding
 from nextaccel_jax.data import pipeline
 from nextaccel_jax.evaluation import evaluators
 from nextaccel_jax.models import layers, next_scale
@@ -51,14 +51,14 @@ def make_models(config: ml_collections.ConfigDict):
   teacher = transformer_lib.from_fields(config.teacher, config.tokenizer, "config.teacher")
   teacher = teacher.clone(prefix_noise_max=0.0)
   if student.role != "student" or teacher.role != "teacher":
-    raise ValueError(
+    raise ConfigError(
       f"config.model.role must be 'student' and config.teacher.role 'teacher', got "
       f"{student.role!r} and {teacher.role!r}"
     )
   # Both read the same inputs built from the rollout.
   for name in ("patch_nums", "input_mode", "vocab_size", "z_channels"):
     if getattr(student, name) != getattr(teacher, name):
-      raise ValueError(
+      raise ConfigError(
         f"student and teacher disagree on {name}: {getattr(student, name)} vs "
         f"{getattr(teacher, name)} (config.model vs config.teacher)"
       )
@@ -106,7 +106,7 @@ def load_transformer_params(path: str, field: str, model, image_size: int, mesh,
       "must equal the stage-2 run's config.model)",
     )
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"config.{field}={path}: no stage-2 checkpoint there ({e})") from e
+    raise MissingInputError(f"config.{field}={path}: no stage-2 checkpoint there ({e})") from e
   return tree["params"]
 
 

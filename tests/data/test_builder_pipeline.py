@@ -250,7 +250,7 @@ def test_load_split_errors(built, tmp_path):
   _, data_dir = built
   with pytest.raises(FileNotFoundError, match="not built"):
     pipeline.load_split("fastmri_brain_multiscale/demo", "train", tmp_path)
-  with pytest.raises(KeyError, match="no split"):
+  with pytest.raises(ValueError, match="no split"):
     pipeline.load_split("fastmri_brain_multiscale/smoke", "nope", data_dir)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from configs import baseline as baseline_config
 from configs import eval as eval_config
-from nextaccel_jax import checkpointing, export, inference, optim, sharding
+from nextaccel_jax import checkpointing, export, inference, optim, sharding, testing
 from nextaccel_jax.data import pipeline, transforms
 from nextaccel_jax.evaluation import report
 from nextaccel_jax.stages import baseline, evaluate
@@ -274,3 +274,23 @@ def test_magnitude_output_takes_the_input_phase():
   np.testing.assert_allclose(x[0, 1], [(3.0, 0.0), (3.0, 0.0)], atol=1e-6)
   y2 = np.random.default_rng(0).standard_normal((1, 2, 2, 2)).astype(np.float32)
   np.testing.assert_array_equal(inference.baseline_image(jnp.asarray(y2), jnp.asarray(x_r32)), y2)
+
+
+@SHARED
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(smoke_data_dir, tmp_path):
+  config = baseline_config.get_config("unet,smoke")
+  config.data.data_dir = smoke_data_dir
+  config.ckpt.every = 1
+  config.ckpt.max_to_keep = 3
+  baseline.train_and_evaluate(config, tmp_path)
+  testing.damage_checkpoint(tmp_path / "checkpoints" / "3")
+  # The killed job had also logged a step its checkpoint never reached.
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write(json.dumps({"step": 4, "split": "train", "loss": 1.0}) + "\n" + '{"step": 5, "spl')
+  baseline.train_and_evaluate(config, tmp_path)
+  assert (tmp_path / "damaged_checkpoints" / "3").is_dir()
+  with checkpointing.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.all_steps() == [1, 2, 3]
+  # Steps 3 was trained again from step 2, and each step is logged once.
+  assert [r["step"] for r in _lines(tmp_path, "train")] == [1, 2, 3]
+  assert [r["step"] for r in _lines(tmp_path, "validation")] == [3]

@@ -3,12 +3,14 @@
 import io
 import json
 import math
+import struct
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
 
 from nextaccel_jax.models import layers
 from nextaccel_jax.stages import common
@@ -85,17 +87,77 @@ def test_step_timer_excludes_first_step_and_pauses():
   assert timer.seconds_per_step() == pytest.approx(2.0)
 
 
-def test_progress_draws_only_when_enabled():
+def test_progress_bar_on_a_terminal_lines_elsewhere():
   stream = io.StringIO()
-  with common.Progress(10, desc="aqvae", enabled=True, stream=stream) as bar:
+  with common.Progress(10, desc="aqvae", mode="bar", stream=stream) as bar:
     bar.update(4, loss=jnp.float32(0.123456))
     bar.update(10)
   out = stream.getvalue()
   assert "aqvae" in out and "loss=0.1235" in out and "10/10" in out
 
+  # A log file (a StringIO is no terminal): a line every `every_s` seconds and at the end.
+  now = [0.0]
+  log = io.StringIO()
+  with common.Progress(
+    100, initial=20, desc="student", stream=log, every_s=60, clock=lambda: now[0]
+  ) as bar:
+    assert bar.mode == "lines"
+    for step in range(21, 101):
+      now[0] += 2.0
+      bar.update(step, loss=1.0 / step)
+  lines = log.getvalue().splitlines()
+  assert len(lines) == 1 + 160 // 60
+  assert lines[0].startswith("student 50/100 (50%) loss 0.02 | 2 s/step, ETA 1m40s")
+  assert lines[-1].startswith("student 100/100 (100%) loss 0.01 | 2 s/step, ETA 0s")
+
   quiet = io.StringIO()
-  # A StringIO is not a terminal, so the default is off.
-  with common.Progress(10, stream=quiet) as bar:
-    assert not bar.enabled
-    bar.update(5, loss=1.0)
+  with common.Progress(10, stream=quiet, enabled=False) as bar:
+    bar.update(10, loss=1.0)
   assert quiet.getvalue() == ""
+
+
+def test_headline_keeps_the_overall_metrics():
+  last = {"recon/ssim": 0.5, "recon/cartesian_y/ssim": 0.4, "acc/scale_1": 0.1, "neg_kl": -1.0}
+  assert common.headline({**last, "kl": 1.0}) == "recon/ssim 0.5, kl 1"
+
+
+def read_events(folder) -> list:
+  """Every `Event` of the TensorBoard event files in `folder`, oldest file first (TFRecord
+  framing: length, its CRC, the record, its CRC)."""
+  files = []
+  for path in folder.glob("events.out.tfevents.*"):
+    data, at, events = path.read_bytes(), 0, []
+    while at < len(data):
+      (length,) = struct.unpack("<Q", data[at : at + 8])
+      events.append(event_pb2.Event.FromString(data[at + 12 : at + 12 + length]))
+      at += 12 + length + 4
+    files.append(events)
+  # Two files written within a second can sort either way by name; their first events cannot.
+  return [e for events in sorted(files, key=lambda f: f[0].wall_time) for e in events]
+
+
+def test_metric_writer_tensorboard_events_and_resume(tmp_path):
+  with common.MetricWriter(tmp_path) as writer:
+    for step in (1, 2, 3):
+      writer.write(step, {"loss": 1.0 / step, "step_time_s": None})
+    writer.write(3, {"recon/ssim": 0.5}, split="validation")
+  # The killed run had got as far as step 3 (and half a line); it resumes from step 2.
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 4, "spl')
+  with common.MetricWriter(tmp_path) as writer:
+    assert writer.drop_after(2) == 3
+    writer.write(3, {"loss": 0.3})
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["split"]) for r in lines] == [(1, "train"), (2, "train"), (3, "train")]
+
+  events = read_events(tmp_path)
+  scalars = [(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value]
+  assert scalars[:4] == [
+    (1, "train/loss", 1.0),
+    (2, "train/loss", 0.5),
+    (3, "train/loss", pytest.approx(1 / 3)),
+    (3, "validation/recon/ssim", 0.5),
+  ]
+  assert scalars[4:] == [(3, "train/loss", pytest.approx(0.3))]
+  # The second file tells TensorBoard to drop the first file's events from step 3 on.
+  assert any(e.session_log.status == e.session_log.START and e.step == 3 for e in events)
