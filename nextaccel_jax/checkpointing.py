@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as std_logging
 import math
 import os
 from collections.abc import Mapping
@@ -44,6 +45,17 @@ _CHECKPOINTS_DIR = "checkpoints"
 _BEST_DIR = "best"
 # Where `restore_newest_intact` keeps checkpoints that no longer restore.
 DAMAGED_DIR = "damaged_checkpoints"
+
+
+class _ReadOnlyNotice(std_logging.Filter):
+  """Drops Orbax's "Given directory is read only" warning: every plain read of a finished run
+  (`find_checkpoint`, `load_params`, the export) opens its folder read-only on purpose."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return "Given directory is read only" not in record.getMessage()
+
+
+std_logging.getLogger("absl").addFilter(_ReadOnlyNotice())
 
 
 def _first_line(error: BaseException) -> str:

@@ -1,8 +1,16 @@
-"""Command-line entry point: reads the config, sets up JAX, dispatches to the stage.
+r"""Command-line entry point: reads the config, sets up JAX, dispatches to the stage.
 
   python -m nextaccel_jax.main --config=configs/demo.py --workdir=runs/demo
   python -m nextaccel_jax.main --config=configs/distill.py:paper --workdir=runs/distill \
       --config.init_from=runs/student --config.teacher_from=runs/teacher
+
+Configs and presets: `--config=configs/<name>.py:<preset>`. The stage configs (data, aqvae,
+student, teacher, distill, eval, pipeline, ablations) have the presets `paper` (256², real
+fastMRI), `demo` (64² synthetic data, two CPU cores; the default when no preset is named) and
+`smoke` (seconds, for tests); `configs/demo.py` has `demo` (half an hour), `long` (about two
+hours) and `smoke`; `configs/baseline.py:<model>[,<preset>]` takes `unet` or `varnet`. Any field
+is overridden with `--config.<field>=<value>` (nested: `--config.optim.lr=3e-4`,
+`--config.data.batch_size=16`); a mistyped field is named with a "did you mean".
 
 `config.stage` picks the function; every stage has the signature `(config, workdir) -> metrics`
 and is importable for tests and notebooks. On several hosts (a TPU pod slice, a SLURM or
@@ -28,7 +36,13 @@ from ml_collections import config_flags
 
 from nextaccel_jax import ConfigError, SetupError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config",
+  None,
+  "configs/<name>.py[:<preset>] (presets paper, demo, smoke; demo when none is named); override "
+  "any field with --config.<field>=<value>.",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
 _MULTIHOST = flags.DEFINE_enum(
   "multihost",
@@ -135,17 +149,14 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 class QuietThirdParty(std_logging.Filter):
   """Keeps the project's own log records and the warnings of other libraries.
 
-  Orbax logs every file operation at INFO (hundreds of lines per stage), TFDS and absl more,
-  and Orbax warns "Given directory is read only" on every plain read of a finished run; all of
+  Orbax logs every file operation at INFO (hundreds of lines per stage), TFDS and absl more;
   that breaks the progress display and hides what the run says.
   """
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     if record.pathname.startswith(_PACKAGE_DIR):
       return True
-    if record.levelno < std_logging.WARNING:
-      return False
-    return "is read only" not in record.getMessage()
+    return record.levelno >= std_logging.WARNING
 
 
 def quiet_third_party_logs() -> None:
@@ -161,6 +172,9 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     quiet_third_party_logs()
   config = _CONFIG.value
+  config_file = flags.FLAGS["config"].config_filename
+  if ":" not in config_file:
+    print(f"{config_file}: no preset named, so its demo preset runs (see --help for the others)")
   stages = _stages()
   stage = config.get("stage")
   if stage not in stages:

@@ -73,6 +73,12 @@ def test_config_mistakes_end_with_one_line(tmp_path, args, message):
   assert message in errors[0]
 
 
+def test_help_lists_presets_and_overrides(tmp_path):
+  out = _cli("--helpshort", tmp_path=tmp_path)
+  assert "presets paper, demo, smoke" in out.stdout
+  assert "--config.<field>=<value>" in out.stdout and "did you mean" in out.stdout
+
+
 def test_a_workdir_that_is_a_file_ends_with_one_line(tmp_path):
   (tmp_path / "work").write_text("not a folder")
   out = _cli("--config=configs/aqvae.py:smoke", tmp_path=tmp_path)
