@@ -73,13 +73,13 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
 
   # Where quality is lost, per transformer model: decodes of the tokenizer's true tokens (all six
   # levels; FS alone), of one teacher-forced pass and of the free rollout, token accuracy per
-  # scale, and figures/<family>_diagnostics.png (the report's "Where quality is lost").
+  # scale, and figures/<family>_<model>_diagnostics.png (the report's "Where quality is lost").
   config.diagnostics = True
 
   config.figures = ml_collections.ConfigDict()
-  # Slices per family grid (the first ones in volume order); 0 = no figures.
+  # Slices per family grid, spread over volumes and contrasts; 0 = no figures.
   config.figures.num_slices = 4 if preset != "smoke" else 2
-  # Also draw the cumulative per-scale decodings of the first model.
+  # Also draw the cumulative per-scale decodings of every transformer model.
   config.figures.levels = True
   # Mesh axes as (name, size) pairs; -1 takes the remaining devices.
   config.mesh = (("data", -1),)

@@ -1,4 +1,5 @@
-"""Tables, per-slice CSV and figure grids of the evaluation stage, as pure functions of scores.
+"""Tables, per-slice CSV, figure grids and the HTML page of the evaluation stage, as pure
+functions of scores and images.
 
 Shape legend: S slices, K decoded levels, H×W image grid.
 
@@ -15,15 +16,29 @@ Inputs (the evaluation stage builds them; tests can write them by hand):
 standard deviation, `/n` for the number of slices (volumes under `fastmri`) and the same keys with
 a contrast inserted before the metric (`base/argmax/radial/paper/T1/ssim`). Non-finite values
 (PSNR is +inf for an exact reconstruction) are left out of means; `_nonfinite` keys count them.
+
+`family_figure` and `levels_figure` draw the PNG grids (error maps read inside `brain_mask`),
+`figures_section` links them from the report, and `write_html` turns the report's Markdown into
+one self-contained page with the figures embedded.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
+import dataclasses
+import html
+import mimetypes
 import os
+import pathlib
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from matplotlib import cm, colormaps, colors
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy import ndimage
 
 from nextaccel_jax.evaluation import metrics
 
@@ -435,6 +450,7 @@ def render_report(
   title: str = "Evaluation",
   single_decoding: Sequence[str] = (),
   diagnostics: str = "",
+  figures: str = "",
 ) -> str:
   """The whole `report.md`.
 
@@ -450,6 +466,7 @@ def render_report(
     single_decoding: models scored under the first decoding only (the baselines, which sample
       no tokens); they are left out of the decoding-variant tables.
     diagnostics: `diagnostics_section`'s markdown, shown after the winners ("" for none).
+    figures: `figures_section`'s markdown, the last section ("" for none).
   """
   lines = [f"# {title}", ""]
   lines += [f"- **{k}**: {v}" for k, v in header.items()]
@@ -481,6 +498,8 @@ def render_report(
   if bad:
     lines += ["", "Non-finite values left out of the means:"]
     lines += [f"- `{k.removesuffix('_nonfinite')}`: {int(metrics[k])}" for k in bad]
+  if figures:
+    lines += ["", "## Figures", "", figures]
   return "\n".join(lines) + "\n"
 
 
@@ -536,15 +555,119 @@ def write_csv(path: str | os.PathLike, scores: Mapping, slices: Mapping) -> int:
 # ------------------------------------------------------------------------------------------------
 # Figures
 
-# Pixel layout of the grids: square panels under a strip of column titles.
+# Pixel layout of the grids: square panels, each over a strip for its caption, under a strip of
+# titles (the figure's title, a note on its scales, the column titles), one grey colour bar beside
+# each row and, with error maps, one colour bar for all of them.
 PANEL_PX = 160
-TITLE_PX = 40
+CAPTION_PX = 14
+TITLE_PX = 52
+BAR_PX = 56
+ERROR_BAR_PX = 64
 _DPI = 100
+# Brain-mask outline (a bright blue that stands out on grey and on inferno's yellows) and the
+# text drawn on panels.
+_OUTLINE = "#00b4ff"
+_FONT = 6.5
+# The error maps' colour range: this percentile of the in-brain errors of the whole figure, so
+# the brain's errors fill the scale and the edges of the head saturate instead of setting it.
+ERROR_PERCENTILE = 99.0
 
 
-def grid_size(rows: int, cols: int) -> tuple[int, int]:
-  """`(width, height)` in pixels of a figure grid with `rows` × `cols` panels."""
-  return cols * PANEL_PX, rows * PANEL_PX + TITLE_PX
+def grid_size(rows: int, cols: int, error_bar: bool = False) -> tuple[int, int]:
+  """`(width, height)` in pixels of a figure grid with `rows` × `cols` panels (`error_bar`: with
+  the error maps' colour bar)."""
+  width = cols * PANEL_PX + BAR_PX + (ERROR_BAR_PX if error_bar else 0)
+  return width, rows * (PANEL_PX + CAPTION_PX) + TITLE_PX
+
+
+def _disk(radius: int) -> np.ndarray:
+  y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+  return x * x + y * y <= radius * radius
+
+
+def brain_mask(target_HW, threshold: float = 0.1, opening: float = 0.04) -> np.ndarray:
+  """The brain of a fully sampled magnitude image, without the scalp and skull around it.
+
+  The rule: keep the pixels above `threshold` × the image's maximum; open that set with a disk
+  of radius `max(1, round(opening · min(H, W)))` pixels (3 at 64², 10 at 256²), which removes the
+  thin bright shell of scalp fat and any thin bridge between it and the brain; keep the largest
+  connected component and fill its holes (dark ventricles, CSF). If the opening leaves nothing
+  (an object thinner than the disk) the largest component of the thresholded set is used.
+
+  Args:
+    target_HW: fully sampled magnitudes `[H, W]`.
+    threshold: the fraction of the maximum a brain pixel exceeds.
+    opening: the disk radius as a fraction of the shorter image side.
+
+  Returns:
+    bool `[H, W]`; all False for an image without a positive value.
+  """
+  target = np.asarray(target_HW, np.float64)
+  if target.ndim != 2:
+    raise ValueError(f"target_HW must be [H, W], got shape {target.shape}")
+  peak = target.max(initial=0.0)
+  if not peak > 0:
+    return np.zeros(target.shape, bool)
+  above = target > threshold * peak
+  radius = max(1, round(opening * min(target.shape)))
+  labels, count = ndimage.label(ndimage.binary_opening(above, structure=_disk(radius)))
+  if count == 0:
+    labels, count = ndimage.label(above)
+  sizes = ndimage.sum_labels(np.ones(target.shape), labels, index=np.arange(1, count + 1))
+  return ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
+
+
+def _nrmse(pred_HW: np.ndarray, target_HW: np.ndarray, where: np.ndarray) -> float:
+  """`‖pred − target‖ / ‖target‖` over the pixels of `where` (NaN without target energy)."""
+  energy = float(np.sum(target_HW[where] ** 2))
+  if not energy > 0:
+    return float("nan")
+  return float(np.sqrt(np.sum((pred_HW[where] - target_HW[where]) ** 2) / energy))
+
+
+def slice_scores(
+  scores: Mapping, row: str, family: str, records: Sequence[int], protocol: str = "paper"
+) -> tuple[np.ndarray, np.ndarray]:
+  """`(psnr [S], ssim [S])` of `records` from the stage's per-slice `scores` (see the module
+  docstring) under `protocol`; NaN where a record or the row has no score."""
+  out = np.full((2, len(records)), np.nan)
+  cols = scores.get(row, {}).get(family)
+  if cols is None or "record" not in cols:
+    return out[0], out[1]
+  where = {int(r): i for i, r in enumerate(np.asarray(cols["record"]))}
+  for j, metric in enumerate(("psnr", "ssim")):
+    values = cols.get(f"{protocol}/{metric}")
+    if values is None:
+      continue
+    for s, r in enumerate(records):
+      if int(r) in where:
+        out[j, s] = float(values[where[int(r)]])
+  return out[0], out[1]
+
+
+def _number(value: float, decimals: int) -> str:
+  if np.isnan(value):
+    return "–"
+  return "∞" if np.isinf(value) else f"{value:.{decimals}f}"
+
+
+def _score_caption(pair, s: int) -> str:
+  if pair is None:
+    return ""
+  return f"PSNR {_number(pair[0][s], 2)} · SSIM {_number(pair[1][s], 3)}"
+
+
+def _computed_scores(target: np.ndarray, images: Mapping[str, np.ndarray]) -> dict:
+  """Per-slice `paper` PSNR / SSIM of each stack against `target`, for figures drawn without the
+  stage's scores; none where the images are too small for the SSIM window."""
+  out = {}
+  for name, x in images.items():
+    try:
+      s = metrics.evaluate_slices(target, x, "paper")
+    except ValueError:
+      return {}
+    out[name] = (s["psnr"], s["ssim"])
+  return out
 
 
 def _check_stack(name: str, x, shape=None) -> np.ndarray:
@@ -556,38 +679,111 @@ def _check_stack(name: str, x, shape=None) -> np.ndarray:
   return x
 
 
+@dataclasses.dataclass
+class _Panel:
+  """One image of a grid, drawn over `[0, vmax]`."""
+
+  image: np.ndarray
+  cmap: str = "gray"
+  vmax: float = 1.0
+  caption: str = ""
+  outline: np.ndarray | None = None
+
+
+def _style_bar(bar, label: str = "") -> None:
+  bar.outline.set_edgecolor("white")
+  bar.outline.set_linewidth(0.5)
+  bar.ax.tick_params(colors="white", labelsize=_FONT - 0.5, length=2, width=0.5, pad=1)
+  if label:
+    bar.set_label(label, color="white", fontsize=_FONT, labelpad=2)
+
+
+def _row_image(row: Sequence[_Panel]) -> tuple[np.ndarray, np.ndarray | None]:
+  """A row's panels side by side as one RGBA image `[H, cols · W, 4]` (uint8), and their
+  outlines as one mask of the same grid (None without any)."""
+  h, w = row[0].image.shape
+  rgba = np.zeros((h, len(row) * w, 4), np.uint8)
+  outline = np.zeros((h, len(row) * w), np.float32)
+  for j, p in enumerate(row):
+    if p.image.shape != (h, w):
+      raise ValueError(f"panel {j} has shape {p.image.shape}, expected {(h, w)}")
+    scaled = np.clip(np.nan_to_num(p.image / p.vmax), 0.0, 1.0)
+    rgba[:, j * w : (j + 1) * w] = colormaps[p.cmap](scaled, bytes=True)
+    if p.outline is not None:
+      # A one-pixel margin keeps a mask that reaches the border from joining its neighbour's.
+      outline[1:-1, j * w + 1 : (j + 1) * w - 1] = p.outline[1:-1, 1:-1]
+  return rgba, (outline if outline.any() else None)
+
+
 def _draw_grid(
   path: str | os.PathLike,
-  panels: list[list[tuple[np.ndarray, str, float]]],
+  panels: list[list[_Panel]],
   titles: Sequence[str],
   row_labels: Sequence[str],
-  suptitle: str,
+  title: str,
+  note: str,
+  row_peaks: Sequence[float],
+  error_max: float | None = None,
 ) -> tuple[int, int]:
-  """Draws `panels[row][col] = (image, cmap, vmax)` with column titles; returns the pixel size."""
-  import matplotlib
+  """Draws the panels under their column titles with each panel's caption below it, a grey
+  colour bar per row (0 … that row's target maximum, the range of its image panels) and, with
+  `error_max`, one colour bar for the error maps; returns the pixel size.
 
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-
+  Each row is one image in one axes: an axes per panel costs most of the drawing time.
+  """
   rows, cols = len(panels), len(titles)
-  width, height = grid_size(rows, cols)
-  fig = plt.figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor="black")
-  try:
-    fig.text(0.5, 1 - 12 / height, suptitle, ha="center", va="center", color="white", fontsize=8)
-    for j, title in enumerate(titles):
-      x = (j + 0.5) * PANEL_PX / width
-      fig.text(x, 1 - 30 / height, title, ha="center", va="center", color="white", fontsize=7)
-    for i, row in enumerate(panels):
-      for j, (image, cmap, vmax) in enumerate(row):
-        rect = (j * PANEL_PX / width, 1 - (TITLE_PX + (i + 1) * PANEL_PX) / height)
-        ax = fig.add_axes((*rect, PANEL_PX / width, PANEL_PX / height))
-        ax.imshow(image, cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
-        ax.set_axis_off()
-        if j == 0 and row_labels:
-          ax.text(2, 2, row_labels[i], color="yellow", fontsize=6, va="top", ha="left")
-    fig.savefig(path, dpi=_DPI, facecolor="black")
-  finally:
-    plt.close(fig)
+  width, height = grid_size(rows, cols, error_bar=error_max is not None)
+  fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor="black")
+  # Agg directly, without pyplot: no global backend or figure registry is touched.
+  FigureCanvasAgg(fig)
+  fig.text(0.5, 1 - 11 / height, title, ha="center", va="center", color="white", fontsize=8)
+  fig.text(0.5, 1 - 26 / height, note, ha="center", va="center", color="#c8c8c8", fontsize=_FONT)
+  for j, text in enumerate(titles):
+    x = (j + 0.5) * PANEL_PX / width
+    fig.text(x, 1 - 43 / height, text, ha="center", va="center", color="white", fontsize=7)
+  panel_w, panel_h = PANEL_PX / width, PANEL_PX / height
+  box = dict(facecolor="black", alpha=0.6, edgecolor="none", pad=1.0)
+  for i, row in enumerate(panels):
+    top = TITLE_PX + i * (PANEL_PX + CAPTION_PX)
+    bottom = 1 - (top + PANEL_PX) / height
+    ax = fig.add_axes((0.0, bottom, cols * panel_w, panel_h))
+    rgba, outline = _row_image(row)
+    h, w = row[0].image.shape
+    # Nearest keeps small images crisp when enlarged; larger ones are filtered when shrunk.
+    smooth = "nearest" if max(h, w) <= PANEL_PX else "antialiased"
+    ax.imshow(rgba, interpolation=smooth, aspect="auto")
+    if outline is not None:
+      ax.contour(outline, levels=[0.5], colors=_OUTLINE, linewidths=0.7)
+      ax.set_xlim(-0.5, cols * w - 0.5)
+      ax.set_ylim(h - 0.5, -0.5)
+    ax.set_axis_off()
+    y = 1 - (top + PANEL_PX + CAPTION_PX / 2) / height
+    for j, p in enumerate(row):
+      if p.caption:
+        x = (j + 0.5) * panel_w
+        fig.text(x, y, p.caption, ha="center", va="center", color="white", fontsize=_FONT)
+    if row_labels:
+      x, y = 3 / width, bottom + panel_h - 3 / height
+      fig.text(x, y, row_labels[i], ha="left", va="top", color="yellow", fontsize=6, bbox=box)
+    cax = fig.add_axes(
+      (cols * panel_w + 8 / width, bottom + 0.1 * panel_h, 8 / width, 0.8 * panel_h)
+    )
+    peak = float(row_peaks[i])
+    bar = fig.colorbar(cm.ScalarMappable(colors.Normalize(0.0, peak), "gray"), cax=cax)
+    bar.set_ticks([0.0, peak / 2, peak])
+    bar.set_ticklabels(["0", f"{peak / 2:.3g}", f"{peak:.3g}"])
+    _style_bar(bar)
+  if error_max is not None:
+    left = (cols * PANEL_PX + BAR_PX + 8) / width
+    span = (height - TITLE_PX - CAPTION_PX) / height
+    cax = fig.add_axes(
+      (left, CAPTION_PX / height + 0.05 * panel_h, 10 / width, span - 0.1 * panel_h)
+    )
+    bar = fig.colorbar(cm.ScalarMappable(colors.Normalize(0.0, error_max), "inferno"), cax=cax)
+    _style_bar(bar, "|error| / target max")
+    bar.ax.yaxis.set_label_position("left")
+  # A light compression: a third of the default's encoding time for files a tenth larger.
+  fig.savefig(path, dpi=_DPI, facecolor="black", pil_kwargs={"compress_level": 3})
   return width, height
 
 
@@ -599,12 +795,18 @@ def family_figure(
   *,
   row_labels: Sequence[str] = (),
   title: str = "",
+  scores: Mapping[str, tuple] | None = None,
+  mask_SHW=None,
+  protocol: str = "paper",
 ) -> tuple[int, int]:
-  """PNG grid: rows = slices; columns = R = 32 input, each model's reconstruction and its error
-  map |recon − target|, target.
+  """PNG grid: rows = slices; columns = R = 32 input, its sampling mask (with `mask_SHW`), each
+  model's reconstruction and its error map |recon − target|, target.
 
-  Each row is shown over its target's maximum; the error maps of the whole figure share one
-  colour scale (given in the title line).
+  Every image panel of a row is shown over `[0, target maximum]` (the row's grey colour bar).
+  The error maps share one scale, the `ERROR_PERCENTILE` of their errors inside the brain masks
+  (`brain_mask` of each target, outlined on the error maps and the target). Each reconstruction
+  and the input carry their PSNR / SSIM, each error map the NRMSE inside the brain mask and over
+  the whole image.
 
   Args:
     path: the PNG to write.
@@ -612,32 +814,62 @@ def family_figure(
     recons: `{column name: [S, H, W] magnitudes}` in column order.
     target_SHW: fully sampled magnitudes.
     row_labels: one short label per slice (drawn on the input panel).
-    title: text in front of the error-scale note.
+    title: the figure's title line.
+    scores: `{column name: (psnr [S], ssim [S])}`, the input's under `ZERO_FILLED` (the stage
+      passes its own per-slice scores, `slice_scores`); None scores every panel here under the
+      `paper` protocol.
+    mask_SHW: the R = 32 sampling mask of each slice (centred k-space, nonzero = sampled).
+    protocol: the protocol `scores` come from (named in the note line).
 
   Returns:
-    `(width, height)` of the PNG in pixels (`grid_size(S, 2 + 2 · len(recons))`).
+    `(width, height)` of the PNG in pixels
+    (`grid_size(S, 2 + 2 · len(recons) + (mask given), error_bar=True)`).
   """
   target = _check_stack("target_SHW", target_SHW)
   inp = _check_stack("input_SHW", input_SHW, target.shape)
   recons = {k: _check_stack(f"recons[{k!r}]", v, target.shape) for k, v in recons.items()}
-  if row_labels and len(row_labels) != target.shape[0]:
-    raise ValueError(f"row_labels has {len(row_labels)} entries for {target.shape[0]} slices")
-  peak = np.maximum(target.max(axis=(1, 2), keepdims=True), 1e-12)
-  errors = {k: np.abs(v - target) / peak for k, v in recons.items()}
-  err_max = max([float(e.max()) for e in errors.values()] + [1e-6])
+  sampled = None if mask_SHW is None else _check_stack("mask_SHW", mask_SHW, target.shape) > 0
+  num = target.shape[0]
+  if row_labels and len(row_labels) != num:
+    raise ValueError(f"row_labels has {len(row_labels)} entries for {num} slices")
+  if scores is None:
+    scores = _computed_scores(target, {ZERO_FILLED: inp, **recons})
+    protocol = "paper"
+  for name, pair in scores.items():
+    if len(pair) != 2 or any(np.shape(v) != (num,) for v in pair):
+      raise ValueError(f"scores[{name!r}] must be (psnr [{num}], ssim [{num}])")
+  peak = np.maximum(target.max(axis=(1, 2)), 1e-12)
+  brains = np.stack([brain_mask(t) for t in target])
+  errors = {k: np.abs(v - target) / peak[:, None, None] for k, v in recons.items()}
+  inside = [e[brains] for e in errors.values()]
+  inside = np.concatenate(inside) if inside else np.zeros(0)
+  if inside.size:
+    err_max = float(np.percentile(inside, ERROR_PERCENTILE))
+  else:
+    err_max = max([float(e.max()) for e in errors.values()] + [0.0])
+  err_max = max(err_max, 1e-6)
   panels = []
-  for s in range(target.shape[0]):
-    row = [(inp[s] / peak[s], "gray", 1.0)]
+  for s in range(num):
+    row = [_Panel(inp[s] / peak[s], caption=_score_caption(scores.get(ZERO_FILLED), s))]
+    if sampled is not None:
+      row.append(_Panel(sampled[s], caption=f"{100 * sampled[s].mean():.1f} % of k-space"))
     for k, v in recons.items():
-      row += [(v[s] / peak[s], "gray", 1.0), (errors[k][s], "inferno", err_max)]
-    row.append((target[s] / peak[s], "gray", 1.0))
+      brain = _number(_nrmse(v[s], target[s], brains[s]), 3)
+      overall = _number(_nrmse(v[s], target[s], np.ones_like(brains[s])), 3)
+      row.append(_Panel(v[s] / peak[s], caption=_score_caption(scores.get(k), s)))
+      caption = f"NRMSE brain {brain} · all {overall}"
+      row.append(_Panel(errors[k][s], "inferno", err_max, caption=caption, outline=brains[s]))
+    row.append(_Panel(target[s] / peak[s], outline=brains[s]))
     panels.append(row)
-  titles = ["R = 32 input"]
+  titles = ["R = 32 input"] + (["R = 32 mask"] if sampled is not None else [])
   for k in recons:
     titles += [k, f"|error| {k}"]
   titles.append("target (FS)")
-  note = f"error maps: 0 … {err_max:.3g} of the target maximum"
-  return _draw_grid(path, panels, titles, row_labels, f"{title}  ({note})" if title else note)
+  note = (
+    f"PSNR / SSIM: {protocol} protocol; error scale 0 … {err_max:.3g} of the target maximum "
+    f"({ERROR_PERCENTILE:g}th percentile in the brain); blue outline: brain mask"
+  )
+  return _draw_grid(path, panels, titles, row_labels, title, note, peak, err_max)
 
 
 def levels_figure(
@@ -653,6 +885,9 @@ def levels_figure(
   """PNG grid of the cumulative per-scale decodings: rows = slices; columns = R = 32 input,
   level 0..K−1 (the image the first k + 1 token scales decode to), target.
 
+  Every image panel of a row is shown over `[0, target maximum]` (the row's grey colour bar);
+  the input and each level carry their `paper` PSNR / SSIM against the target.
+
   Returns:
     `(width, height)` of the PNG in pixels (`grid_size(S, K + 2)`).
   """
@@ -667,12 +902,166 @@ def levels_figure(
   names = list(level_names) or [f"scales ≤ {i}" for i in range(k)]
   if len(names) != k:
     raise ValueError(f"level_names has {len(names)} entries for {k} levels")
-  peak = np.maximum(target.max(axis=(1, 2), keepdims=True), 1e-12)
+  if row_labels and len(row_labels) != target.shape[0]:
+    raise ValueError(f"row_labels has {len(row_labels)} entries for {target.shape[0]} slices")
+  scores = _computed_scores(target, {ZERO_FILLED: inp} | {i: levels[:, i] for i in range(k)})
+  peak = np.maximum(target.max(axis=(1, 2)), 1e-12)
   panels = []
   for s in range(target.shape[0]):
-    row = [(inp[s] / peak[s], "gray", 1.0)]
-    row += [(levels[s, i] / peak[s], "gray", 1.0) for i in range(k)]
-    row.append((target[s] / peak[s], "gray", 1.0))
+    row = [_Panel(inp[s] / peak[s], caption=_score_caption(scores.get(ZERO_FILLED), s))]
+    row += [
+      _Panel(levels[s, i] / peak[s], caption=_score_caption(scores.get(i), s)) for i in range(k)
+    ]
+    row.append(_Panel(target[s] / peak[s]))
     panels.append(row)
   titles = ["R = 32 input", *names, "target (FS)"]
-  return _draw_grid(path, panels, titles, row_labels, title or "cumulative token scales")
+  note = "PSNR / SSIM: paper protocol against the target"
+  return _draw_grid(
+    path, panels, titles, row_labels, title or "cumulative token scales", note, peak
+  )
+
+
+def figures_section(figures: Mapping[str, Sequence[tuple[str, str]]]) -> str:
+  """Markdown of the report's figures: a note on how to read them, then per group (a mask
+  family) each figure's caption and image link.
+
+  Args:
+    figures: `{group: [(caption, path relative to the report)]}`, in order.
+  """
+  lines = [
+    "Rows are slices spread over the split's volumes and contrasts. The image panels of a row "
+    "are shown over 0 … its target's maximum (the grey bar beside the row); the input and every "
+    "reconstruction carry their PSNR / SSIM, every error map |x − target| its NRMSE inside the "
+    "brain mask (outlined; from the fully sampled target, `report.brain_mask`) and over the "
+    "whole image. The error maps of a figure share one colour scale, set by the errors inside "
+    "the brain.",
+  ]
+  for group, items in figures.items():
+    lines += ["", f"### {group}"]
+    for caption, rel in items:
+      lines += ["", f"{caption}:", "", f"![{caption}]({rel})"]
+  return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# HTML
+
+_INLINE = re.compile(r"`([^`]+)`|!\[([^\]]*)\]\(([^)\s]+)\)|\*\*(.+?)\*\*")
+_ALIGN = {(True, True): "center", (False, True): "right", (True, False): "left"}
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 96em; padding: 0 1em;
+  color: #222; line-height: 1.4; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; }
+th { background: #f2f2f2; }
+.scroll { overflow-x: auto; }
+code { background: #f2f2f2; padding: 0 0.2em; border-radius: 3px; }
+img { max-width: 100%; height: auto; }
+"""
+
+
+def _data_uri(path: pathlib.Path) -> str:
+  kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+  return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def _inline(text: str, base: pathlib.Path) -> str:
+  """Inline Markdown (code, images, bold) of one line as HTML; images are embedded."""
+  out, pos = [], 0
+  for m in _INLINE.finditer(text):
+    out.append(html.escape(text[pos : m.start()]))
+    code, alt, src, bold = m.groups()
+    if code is not None:
+      out.append(f"<code>{html.escape(code)}</code>")
+    elif src is not None:
+      image = base / src
+      if image.is_file():
+        out.append(f'<img alt="{html.escape(alt)}" src="{_data_uri(image)}">')
+      else:
+        out.append(f"<em>[missing figure: {html.escape(src)}]</em>")
+    else:
+      out.append(f"<strong>{_inline(bold, base)}</strong>")
+    pos = m.end()
+  out.append(html.escape(text[pos:]))
+  return "".join(out)
+
+
+def _cells_of(line: str) -> list[str]:
+  return [c.strip() for c in line.strip().removeprefix("|").removesuffix("|").split("|")]
+
+
+def _table_html(lines: Sequence[str], base: pathlib.Path) -> str:
+  header = _cells_of(lines[0])
+  aligns = []
+  for cell in _cells_of(lines[1]):
+    aligns.append(_ALIGN.get((cell.startswith(":"), cell.endswith(":")), ""))
+  aligns += [""] * (len(header) - len(aligns))
+
+  def row(cells, tag):
+    parts = []
+    for cell, align in zip(cells, aligns, strict=False):
+      style = f' style="text-align:{align}"' if align else ""
+      parts.append(f"<{tag}{style}>{_inline(cell, base)}</{tag}>")
+    return "<tr>" + "".join(parts) + "</tr>"
+
+  body = [row(_cells_of(line), "td") for line in lines[2:]]
+  return (
+    '<div class="scroll"><table>\n<thead>'
+    + row(header, "th")
+    + "</thead>\n<tbody>\n"
+    + "\n".join(body)
+    + "\n</tbody></table></div>"
+  )
+
+
+def markdown_html(text: str, base: str | os.PathLike = ".") -> str:
+  """The HTML body of the report's Markdown subset: headings, paragraphs, bullet lists, pipe
+  tables (a header, an alignment line, rows), bold, inline code and images; each image is read
+  from `base` / its path and embedded as a `data:` URI, so the page needs no other file."""
+  base = pathlib.Path(base)
+  lines = text.splitlines()
+  out, i = [], 0
+  while i < len(lines):
+    line = lines[i]
+    if not line.strip():
+      i += 1
+    elif line.startswith("#"):
+      level = min(len(line) - len(line.lstrip("#")), 6)
+      out.append(f"<h{level}>{_inline(line[level:].strip(), base)}</h{level}>")
+      i += 1
+    elif line.startswith("|"):
+      j = i
+      while j < len(lines) and lines[j].startswith("|"):
+        j += 1
+      if j - i >= 2:
+        out.append(_table_html(lines[i:j], base))
+      else:
+        out.append(f"<p>{_inline(line, base)}</p>")
+      i = j
+    elif line.startswith("- "):
+      items = []
+      while i < len(lines) and lines[i].startswith("- "):
+        items.append(f"<li>{_inline(lines[i][2:], base)}</li>")
+        i += 1
+      out.append("<ul>\n" + "\n".join(items) + "\n</ul>")
+    else:
+      j = i
+      while j < len(lines) and lines[j].strip() and not lines[j].startswith(("#", "|", "- ")):
+        j += 1
+      out.append("<p>" + _inline(" ".join(s.strip() for s in lines[i:j]), base) + "</p>")
+      i = j
+  return "\n".join(out)
+
+
+def write_html(path: str | os.PathLike, markdown_text: str) -> pathlib.Path:
+  """Writes `markdown_text` (the report) as one self-contained HTML page at `path`; its images
+  are read relative to `path`'s folder (where `report.md` sits) and embedded."""
+  path = pathlib.Path(path)
+  first = next((s for s in markdown_text.splitlines() if s.startswith("# ")), "# Report")
+  page = (
+    '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+    f"<title>{html.escape(first[2:].strip())}</title>\n<style>{_STYLE}</style>\n</head>\n"
+    f"<body>\n{markdown_html(markdown_text, path.parent)}\n</body>\n</html>\n"
+  )
+  path.write_text(page, encoding="utf-8")
+  return path

@@ -21,9 +21,13 @@ arrive together and are scored as soon as the last one is in; only the open volu
 figure slices stay in host memory.
 
 Writes into the workdir: `report.md` (which row wins each metric per family and protocol, then
-tables per protocol × family like the paper's),
-`per_slice.csv`, `metrics.json` and `final_metrics.json` (the flat metrics; the second marks the
-stage as complete), and `figures/<family>.png` (+ `figures/<family>_levels.png`).
+tables per protocol × family like the paper's, then links to the figures) and `report.html` (the
+same page with the figures embedded), `per_slice.csv`, `metrics.json` and `final_metrics.json`
+(the flat metrics; the second marks the stage as complete), and under `figures/`:
+`<family>.png` (every model's reconstruction and error map beside the R = 32 input and mask),
+`<family>_<model>_levels.png` (a token model's cumulative per-scale decodings) and
+`<family>_<model>_diagnostics.png` (its decodes of ever less true information). The figure
+slices are `figure_records`: spread over the split's contrasts and volumes.
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from nextaccel_jax import export, inference, losses, sharding
+from nextaccel_jax import ConfigError, export, inference, losses, sharding
 from nextaccel_jax.data import fastmri, masks, pipeline
-from nextaccel_jax.evaluation import dists_metric, evaluators, lpips_metric, report
+from nextaccel_jax.evaluation import curves, dists_metric, evaluators, lpips_metric, report
 from nextaccel_jax.evaluation import metrics as np_metrics
 from nextaccel_jax.models import transformer as transformer_lib
 from nextaccel_jax.stages import common
@@ -64,20 +68,20 @@ def model_sources(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
   """The non-empty `(name, source)` entries of `config.models`, in order."""
   models = config.get("models")
   if models is None:
-    raise ValueError("config.models is missing: name → workdir or export folder")
+    raise ConfigError("config.models is missing: name → workdir or export folder")
   out = []
   for name, source in models.items():
     if not isinstance(source, str):
-      raise ValueError(f"config.models.{name} must be a path string, got {source!r}")
+      raise ConfigError(f"config.models.{name} must be a path string, got {source!r}")
     if name == report.ZERO_FILLED or "/" in name:
-      raise ValueError(
+      raise ConfigError(
         f"config.models.{name}: the name must not be {report.ZERO_FILLED!r} or hold '/'"
       )
     if source:
       out.append((name, source))
   if not out:
     names = ", ".join(f"config.models.{n}" for n in models.keys()) or "config.models.<name>"
-    raise ValueError(
+    raise ConfigError(
       f"config.models has no model to evaluate: set at least one of {names} to a stage-2/3 "
       "workdir or export folder, e.g. --config.models.base=runs/student"
     )
@@ -91,12 +95,12 @@ def sampling_variants(
   decoding = config.decoding
   names = (decoding,) if isinstance(decoding, str) else tuple(decoding)
   if not names:
-    raise ValueError(f"config.decoding is empty; choose from {', '.join(DECODINGS)}")
+    raise ConfigError(f"config.decoding is empty; choose from {', '.join(DECODINGS)}")
   if len(set(names)) != len(names):
-    raise ValueError(f"config.decoding lists a variant twice: {names}")
+    raise ConfigError(f"config.decoding lists a variant twice: {names}")
   s = config.sampling
   if not s.temperature > 0:
-    raise ValueError(f"config.sampling.temperature must be positive, got {s.temperature}")
+    raise ConfigError(f"config.sampling.temperature must be positive, got {s.temperature}")
   out = []
   for name in names:
     if name == "argmax":
@@ -105,13 +109,13 @@ def sampling_variants(
       out.append((name, inference.SamplingConfig(greedy=False, temperature=s.temperature)))
     elif name == "top_k":
       if s.top_k < 1:
-        raise ValueError(f"config.sampling.top_k must be >= 1 for top_k decoding, got {s.top_k}")
+        raise ConfigError(f"config.sampling.top_k must be >= 1 for top_k decoding, got {s.top_k}")
       out.append(
         (name, inference.SamplingConfig(greedy=False, temperature=s.temperature, top_k=s.top_k))
       )
     elif name == "top_p":
       if not 0.0 < s.top_p < 1.0:
-        raise ValueError(
+        raise ConfigError(
           f"config.sampling.top_p must be in (0, 1) for top_p decoding, got {s.top_p}"
         )
       out.append(
@@ -119,7 +123,7 @@ def sampling_variants(
       )
     elif name == "top_k_top_p":
       if s.top_k < 1 or not 0.0 < s.top_p < 1.0:
-        raise ValueError(
+        raise ConfigError(
           "config.sampling.top_k must be >= 1 and config.sampling.top_p in (0, 1) for "
           f"top_k_top_p decoding, got {s.top_k} and {s.top_p}"
         )
@@ -128,7 +132,7 @@ def sampling_variants(
       )
       out.append((name, both))
     else:
-      raise ValueError(f"config.decoding has unknown variant {name!r}; choose from {DECODINGS}")
+      raise ConfigError(f"config.decoding has unknown variant {name!r}; choose from {DECODINGS}")
   return out
 
 
@@ -137,26 +141,26 @@ def _settings(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], ...]:
   try:
     families = tuple(masks.canonical_family(f) for f in config.families)
   except ValueError as e:
-    raise ValueError(f"config.families: {e}") from e
+    raise ConfigError(f"config.families: {e}") from e
   if not families or len(set(families)) != len(families):
-    raise ValueError(f"config.families must list distinct mask families, got {config.families}")
+    raise ConfigError(f"config.families must list distinct mask families, got {config.families}")
   protocols = tuple(config.protocols)
   bad = [p for p in protocols if p not in np_metrics.PROTOCOLS]
   if bad or not protocols:
-    raise ValueError(
+    raise ConfigError(
       f"config.protocols must be a non-empty subset of {np_metrics.PROTOCOLS}, got {protocols}"
     )
   nets = tuple(config.lpips_nets)
   bad = [n for n in nets if n not in lpips_metric.NETS]
   if bad:
-    raise ValueError(f"config.lpips_nets has unknown nets {bad}; choose from {lpips_metric.NETS}")
+    raise ConfigError(f"config.lpips_nets has unknown nets {bad}; choose from {lpips_metric.NETS}")
   return families, protocols, nets
 
 
 def _check_batch(batch_size: int, mesh) -> None:
   devices = sharding.batch_divisor(mesh)
   if batch_size < 1 or batch_size % devices:
-    raise ValueError(
+    raise ConfigError(
       f"config.batch_size={batch_size} must be a positive multiple of the {devices} devices of "
       "the data mesh axis"
     )
@@ -199,10 +203,48 @@ def slice_table(source, num_records: int, names: Sequence[str]) -> dict[int, dic
         "contrast": names[contrast] if 0 <= contrast < len(names) else str(contrast),
       }
     except KeyError as e:
-      raise ValueError(
+      raise ConfigError(
         f"record {i} of the split has no field {e}; rebuild the dataset with the current "
         "fastmri_brain_multiscale builder"
       ) from e
+  return out
+
+
+def figure_records(
+  slices: Mapping[int, dict], num: int, contrast_order: Sequence[str] = ()
+) -> list[int]:
+  """Up to `num` records for the figures, spread over volumes and contrasts.
+
+  Slices are handed out in passes; each pass gives every volume with slices left one more, the
+  contrast groups interleaved (the first volume of each group by file name, then the second,
+  ...; groups in `contrast_order`, then the others by name), until `num` are chosen. So every
+  volume is shown before any shows two slices. A volume given k of its m slices (sorted by
+  `slice_index`) contributes the evenly spaced ones at positions `(2i + 1) · m // 2k`: its middle
+  slice for k = 1, where the brain is largest. The result is ordered by contrast, file name and
+  slice index, and does not depend on the records' order.
+  """
+  volumes: dict[str, dict[str, list[int]]] = {}
+  for r in sorted(slices, key=lambda r: (slices[r]["file_name"], slices[r]["slice_index"])):
+    info = slices[r]
+    volumes.setdefault(info["contrast"], {}).setdefault(info["file_name"], []).append(r)
+  rank = {c: i for i, c in enumerate(contrast_order)}
+  contrasts = sorted(volumes, key=lambda c: (rank.get(c, len(rank)), c))
+  groups = [sorted(volumes[c].items()) for c in contrasts]
+  taken = dict.fromkeys((v for g in groups for v, _ in g), 0)
+  left = min(max(num, 0), len(slices))
+  depth = 0
+  while left:
+    for j in range(max(len(g) for g in groups)):
+      for g in groups:
+        if left and j < len(g) and len(g[j][1]) > depth:
+          taken[g[j][0]] += 1
+          left -= 1
+    depth += 1
+  out = []
+  for g in groups:
+    for v, recs in g:
+      k = taken[v]
+      out += [recs[(2 * i + 1) * len(recs) // (2 * k)] for i in range(k)]
   return out
 
 
@@ -269,7 +311,7 @@ def run(
   mesh = sharding.mesh_from_config(config)
   _check_batch(config.batch_size, mesh)
   if config.max_records < 0:
-    raise ValueError(f"config.max_records must be >= 0 (0 = all), got {config.max_records}")
+    raise ConfigError(f"config.max_records must be >= 0 (0 = all), got {config.max_records}")
   chief = jax.process_index() == 0
   if chief:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -277,7 +319,7 @@ def run(
   source, dataset, data_dir = data_stage.open_split(config, workdir, config.split)
   num = len(source) if not config.max_records else min(config.max_records, len(source))
   if num == 0:
-    raise ValueError(f"split {config.split!r} of {dataset} in {data_dir} has no records")
+    raise ConfigError(f"split {config.split!r} of {dataset} in {data_dir} has no records")
   names = contrast_names(source)
   slices = slice_table(source, num, names)
   order = sorted(slices, key=lambda r: (slices[r]["file_name"], slices[r]["slice_index"]))
@@ -291,7 +333,7 @@ def run(
       raise
     is_transformer = isinstance(rec, inference.Reconstructor)
     if is_transformer and getattr(rec.transformer, "role", "student") != "student":
-      raise ValueError(
+      raise ConfigError(
         f"config.models.{name}={src} is a {rec.transformer.role}; its context is the fully "
         "sampled image, so it cannot reconstruct from R = 32 alone. Evaluate students."
       )
@@ -302,7 +344,7 @@ def run(
   if dc is not None and dc.enabled:
     consistency = inference.ConsistencyConfig(iterations=int(dc.iterations), phase=dc.phase)
     if consistency.phase not in inference.DC_PHASES or consistency.iterations < 1:
-      raise ValueError(
+      raise ConfigError(
         f"config.data_consistency: phase must be one of {inference.DC_PHASES} and iterations "
         f">= 1, got {consistency.phase!r} and {consistency.iterations}"
       )
@@ -324,12 +366,14 @@ def run(
   # own order is the split's, which TFDS shuffles).
   loader.items = [(f, i) for f in loader.families for i in order]
 
-  num_fig = max(0, int(config.figures.num_slices))
-  fig_records = set(order[:num_fig])
-  # The per-scale decodings come from the first token model (a baseline has none).
-  first_model = next((m for m, _ in models if m not in baselines), None)
-  want_levels = bool(config.figures.levels) and num_fig > 0 and first_model is not None
-  figs = {f: {"input": {}, "target": {}, "recon": {}, "levels": {}, "diag": {}} for f in families}
+  fig_list = figure_records(slices, int(config.figures.num_slices), names)
+  fig_records = set(fig_list)
+  # Every token model's per-scale decodings (a baseline has none).
+  want_levels = bool(config.figures.levels) and bool(fig_list)
+  figs = {
+    f: {"input": {}, "target": {}, "mask": {}, "recon": {}, "levels": {}, "diag": {}}
+    for f in families
+  }
   # Diagnostics (where quality is lost) of every transformer model, first protocol and LPIPS net.
   diag_models = [m for m, _ in models if m not in baselines] if config.get("diagnostics") else []
   diag_scorer = evaluators.ImageScores(protocols[:1], nets[:1], slices)
@@ -367,11 +411,13 @@ def run(
       fams = [fam for _, fam, _ in rows]
       row_records = [r for _, _, r in rows]
       scorer.add(report.ZERO_FILLED, zero[idx], target[idx], fams, row_records)
-      for i, fam, r in rows:
-        if r in fig_records:
-          figs[fam]["input"][r] = zero[i]
-          figs[fam]["target"][r] = target[i]
-      has_fig = any(r in fig_records for _, _, r in rows)
+      fig_rows = [(i, fam, r) for i, fam, r in rows if r in fig_records]
+      if fig_rows:
+        sampled = sharding.to_host(batch["mask_levels"]) == 0
+      for i, fam, r in fig_rows:
+        figs[fam]["input"][r] = zero[i]
+        figs[fam]["target"][r] = target[i]
+        figs[fam]["mask"][r] = sampled[i]
       for name in diag_models:
         out = recs[name].diagnose(batch["levels"], batch["family"])
         for mode in ("teacher_forced", "rollout"):
@@ -380,14 +426,13 @@ def run(
         for diag in inference.DIAGNOSTICS:
           pred = sharding.to_host(magnitude(out[diag]))
           diag_scorer.add(f"{name}/{diag}", pred[idx], target[idx], fams, row_records)
-          if name == diag_models[0]:
-            for i, fam, r in rows:
-              if r in fig_records:
-                figs[fam]["diag"].setdefault(diag, {})[r] = pred[i]
+          for i, fam, r in fig_rows:
+            figs[fam]["diag"].setdefault(name, {}).setdefault(diag, {})[r] = pred[i]
       for name, rec in recs.items():
         for dec, sampling in decodings[: 1 if name in baselines else None]:
           rng = None if sampling.greedy else jax.random.fold_in(jax.random.key(config.seed), k)
-          levels = want_levels and has_fig and (name, dec) == (first_model, first_decoding)
+          levels = want_levels and bool(fig_rows) and name not in baselines
+          levels = levels and dec == first_decoding
           if name in baselines:
             out = rec.reconstruct(x_r32, batch["family"], **baseline_inputs(rec, batch))
           else:
@@ -407,17 +452,17 @@ def run(
             pred = sharding.to_host(magnitude(x))
             row = report.row_name(row_model, dec)
             scorer.add(row, pred[idx], target[idx], fams, row_records)
-            for i, fam, r in rows:
-              if r in fig_records and dec == first_decoding:
+            if dec == first_decoding:
+              for i, fam, r in fig_rows:
                 figs[fam]["recon"].setdefault(row_model, {})[r] = pred[i]
           if levels:
-            for i, fam, r in rows:
-              if r in fig_records:
-                figs[fam]["levels"][r] = levels_BKHW[i]
+            for i, fam, r in fig_rows:
+              figs[fam]["levels"].setdefault(name, {})[r] = levels_BKHW[i]
       bar.update(k + 1)
   scores = scorer.scores()
   metrics = report.summarize(scores, slices)
-  diag_metrics = report.summarize(diag_scorer.scores(), slices)
+  diag_scores = diag_scorer.scores()
+  diag_metrics = report.summarize(diag_scores, slices)
   for name, acc in diag_acc.items():
     for mode in ("teacher_forced", "rollout"):
       diag_metrics.update({f"{name}/{k}": v for k, v in acc.result(f"{mode}/accuracy").items()})
@@ -454,6 +499,15 @@ def run(
     **dict(header_notes or {}),
   }
   if chief:
+    figures = _write_figures(
+      workdir / "figures", figs, fig_list, slices, scores, diag_scores, protocols, first_decoding
+    )
+    exported = {n: export.read_meta(s) for n, s in models if _is_export(s)}
+    trained = _write_curves(
+      workdir / "figures", training_runs(models, config.tokenizer_from, exported)
+    )
+    if trained:
+      figures = {**figures, "Training curves": trained}
     text = report.render_report(
       metrics,
       header=header,
@@ -474,50 +528,154 @@ def run(
       protocols=protocols,
       contrasts=contrasts,
       metric_names=metric_names,
+      figures=report.figures_section(figures) if figures else "",
     )
     (workdir / "report.md").write_text(text)
+    report.write_html(workdir / "report.html", text)
     report.write_csv(workdir / "per_slice.csv", scores, slices)
-    _write_figures(workdir / "figures", figs, order[:num_fig], slices, want_levels, first_model)
     blob = json.dumps(metrics, indent=2)
     (workdir / "metrics.json").write_text(blob)
     (workdir / "final_metrics.json").write_text(blob)
     logging.info("evaluation report written to %s (%.1f s)", workdir / "report.md", wall)
+    print(f"{console_summary(text)}\nreport: {workdir / 'report.md'}", flush=True)
   return metrics
 
 
-def _write_figures(folder, figs, records, slices, want_levels: bool, first_model: str):
+def training_runs(
+  models: list[tuple[str, str]], tokenizer_from: str | None, exported: dict[str, dict]
+) -> dict[str, str]:
+  """`{label: workdir}` of the training runs behind the evaluated rows, whose curves the report
+  shows: the tokenizer, each model's workdir (an export's is the one it records), in order and
+  each once; runs without a `metrics.jsonl` are left out."""
+  found: dict[str, str] = {}
+  candidates = [("tokenizer", tokenizer_from or exported_tokenizer(exported))]
+  for name, src in models:
+    meta = (exported.get(name) or {}).get("meta") or {}
+    candidates.append((name, meta.get("transformer_from") or src))
+  for label, path in candidates:
+    if not path:
+      continue
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isfile(os.path.join(path, "metrics.jsonl")) and path not in found.values():
+      found[label] = path
+  return found
+
+
+def exported_tokenizer(exported: dict[str, dict]) -> str | None:
+  """The stage-1 workdir an export records, when a model came from one."""
+  for record in exported.values():
+    path = (record.get("meta") or {}).get("tokenizer_from")
+    if path:
+      return path
+  return None
+
+
+def _is_export(source: str) -> bool:
+  # As `export.load_reconstructor` tells them apart: a training workdir has a config.json.
+  path = os.path.expanduser(source)
+  return os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _write_curves(folder: pathlib.Path, runs: dict[str, str]) -> list[tuple[str, str]]:
+  out = []
+  for label, path in runs.items():
+    png = folder / f"curves_{label}.png"
+    if curves.plot_training_curves(os.path.join(path, "metrics.jsonl"), png, f"{label}: {path}"):
+      out.append((f"{label} ({path})", f"figures/{png.name}"))
+  return out
+
+
+def console_summary(report_text: str) -> str:
+  """The report's first section (the winners per family and protocol), for the console."""
+  sections = report_text.split("\n## ")
+  return "## " + sections[1].strip() if len(sections) > 1 else report_text.strip()
+
+
+def _write_figures(
+  folder: pathlib.Path,
+  figs: Mapping[str, dict],
+  records: Sequence[int],
+  slices: Mapping[int, dict],
+  scores: Mapping,
+  diag_scores: Mapping,
+  protocols: Sequence[str],
+  decoding: str,
+) -> dict[str, list[tuple[str, str]]]:
+  """Writes each family's grids of the figure `records`: the reconstructions of every row model,
+  and per token model its cumulative scales and diagnostics; returns
+  `{family: [(caption, path relative to the workdir)]}` for the report.
+
+  The panels carry the stage's own per-slice scores: `paper` where it was scored (else the first
+  protocol); the diagnostics were scored under the first protocol only.
+  """
   if not records:
-    return
+    return {}
   folder.mkdir(parents=True, exist_ok=True)
   labels = [_row_label(slices[r]) for r in records]
+  protocol = "paper" if "paper" in protocols else protocols[0]
+  out = {}
+
+  def stack(by_record):
+    return np.stack([by_record[r] for r in records])
+
+  def scored(rows, family, source, proto):
+    return {k: report.slice_scores(source, row, family, records, proto) for k, row in rows}
+
   for family, f in figs.items():
-    recons = {m: np.stack([by_rec[r] for r in records]) for m, by_rec in f["recon"].items()}
-    inputs = np.stack([f["input"][r] for r in records])
-    target = np.stack([f["target"][r] for r in records])
+    items = out.setdefault(family, [])
+    inputs, target = stack(f["input"]), stack(f["target"])
+    recons = {m: stack(by_rec) for m, by_rec in f["recon"].items()}
+    rows = [(report.ZERO_FILLED, report.ZERO_FILLED)]
+    rows += [(m, report.row_name(m, decoding)) for m in recons]
+    name = f"{family}.png"
     report.family_figure(
-      folder / f"{family}.png", inputs, recons, target, row_labels=labels, title=family
+      folder / name,
+      inputs,
+      recons,
+      target,
+      row_labels=labels,
+      title=f"{family}: reconstructions from R = 32 (decoding: {decoding})",
+      scores=scored(rows, family, scores, protocol),
+      mask_SHW=stack(f["mask"]),
+      protocol=protocol,
     )
-    if f["diag"]:
-      report.family_figure(
-        folder / f"{family}_diagnostics.png",
-        inputs,
-        {d: np.stack([f["diag"][d][r] for r in records]) for d in f["diag"]},
-        target,
-        row_labels=labels,
-        title=f"{family}: {first_model}, tokenizer ceiling → teacher-forced → rollout",
-      )
-    if want_levels and f["levels"]:
-      levels = np.stack([f["levels"][r] for r in records])
-      k = levels.shape[1]
-      report.levels_figure(
-        folder / f"{family}_levels.png",
-        inputs,
-        levels,
-        target,
-        level_names=LEVEL_NAMES if k == len(LEVEL_NAMES) else (),
-        row_labels=labels,
-        title=f"{family}: {first_model}, cumulative token scales",
-      )
+    items.append(
+      (f"Reconstructions and error maps (decoding: {decoding})", f"{folder.name}/{name}")
+    )
+    for model in dict.fromkeys([*f["levels"], *f["diag"]]):
+      if model in f["levels"]:
+        levels = stack(f["levels"][model])
+        k = levels.shape[1]
+        name = f"{family}_{model}_levels.png"
+        report.levels_figure(
+          folder / name,
+          inputs,
+          levels,
+          target,
+          level_names=LEVEL_NAMES if k == len(LEVEL_NAMES) else (),
+          row_labels=labels,
+          title=f"{family}: {model}, cumulative token scales (decoding: {decoding})",
+        )
+        items.append((f"{model}: cumulative token scales", f"{folder.name}/{name}"))
+      if model in f["diag"]:
+        by_diag = f["diag"][model]
+        rows = [(d, f"{model}/{d}") for d in by_diag]
+        panel_scores = scored(rows, family, diag_scores, protocols[0])
+        zero = [(report.ZERO_FILLED, report.ZERO_FILLED)]
+        panel_scores |= scored(zero, family, scores, protocols[0])
+        name = f"{family}_{model}_diagnostics.png"
+        report.family_figure(
+          folder / name,
+          inputs,
+          {d: stack(by_rec) for d, by_rec in by_diag.items()},
+          target,
+          row_labels=labels,
+          title=f"{family}: {model}, tokenizer ceiling → teacher-forced → rollout",
+          scores=panel_scores,
+          protocol=protocols[0],
+        )
+        items.append((f"{model}: where quality is lost", f"{folder.name}/{name}"))
+  return out
 
 
 train_and_evaluate = run

@@ -1,6 +1,9 @@
-"""Evaluation report writers: aggregation, markdown tables, per-slice CSV and figure grids."""
+"""Evaluation report writers: aggregation, markdown tables, per-slice CSV, figure grids, the brain
+mask of the error maps and the self-contained HTML page."""
 
+import base64
 import csv
+import re
 
 import numpy as np
 import pytest
@@ -161,11 +164,81 @@ def test_family_figure_is_a_png_of_the_grid(tmp_path):
     row_labels=["a", "b", "c"],
     title="radial",
   )
-  # Columns: input, 2 × (recon, error), target.
-  assert size == report.grid_size(3, 6)
+  # Columns: input, 2 × (recon, error), target; the error maps' colour bar beside the rows'.
+  assert size == report.grid_size(3, 6, error_bar=True)
   with Image.open(path) as im:
     assert im.format == "PNG"
     assert im.size == size
+
+
+def test_family_figure_with_mask_and_the_stage_scores(tmp_path):
+  path = tmp_path / "radial.png"
+  psnr, ssim = np.array([20.0, np.inf, np.nan]), np.array([0.5, 1.0, np.nan])
+  size = report.family_figure(
+    path,
+    _stack(1),
+    {"base": _stack(2)},
+    _stack(0),
+    scores={"zero_filled": (psnr, ssim), "base": (psnr, ssim)},
+    mask_SHW=_stack(4) > 0.9,
+  )
+  # Columns: input, R = 32 mask, recon, error, target.
+  assert size == report.grid_size(3, 5, error_bar=True)
+  with Image.open(path) as im:
+    assert im.size == size
+  with pytest.raises(ValueError, match=r"scores\['base'\] must be \(psnr \[3\], ssim \[3\]\)"):
+    report.family_figure(path, _stack(1), {"base": _stack(2)}, _stack(0), scores={"base": (psnr,)})
+  with pytest.raises(ValueError, match="mask_SHW has shape"):
+    report.family_figure(path, _stack(1), {}, _stack(0), mask_SHW=np.ones((3, 8, 8)))
+
+
+def _head(n=64, shell=1.0):
+  """A synthetic head: a textured brain disk, a dark skull gap, a thin bright scalp shell."""
+  y, x = np.mgrid[:n, :n] - (n - 1) / 2
+  r = np.hypot(x, y)
+  brain = r < 0.3 * n
+  image = np.where(brain, 0.5 + 0.2 * np.sin(x / 2) * np.cos(y / 3), 0.0)
+  # A dark ventricle: a hole the mask fills.
+  image[np.hypot(x, y - 3) < 3] = 0.02
+  image[(r > 0.34 * n) & (r < 0.37 * n)] = shell
+  return image + 0.01 * np.random.default_rng(0).random((n, n)), brain
+
+
+def test_brain_mask_keeps_the_brain_without_the_shell_or_corners():
+  for n in (64, 256):
+    image, brain = _head(n)
+    mask = report.brain_mask(image)
+    assert mask.dtype == bool and mask.shape == (n, n)
+    assert (mask & brain).sum() >= 0.95 * brain.sum()
+    assert (mask & ~brain).sum() <= 0.03 * brain.sum()
+    assert not mask[: n // 8, : n // 8].any() and not mask[-n // 8 :, -n // 8 :].any()
+  assert not report.brain_mask(np.zeros((32, 32))).any()
+  with pytest.raises(ValueError, match=r"target_HW must be \[H, W\]"):
+    report.brain_mask(np.zeros((2, 32, 32)))
+
+
+def test_error_maps_read_inside_the_brain(tmp_path):
+  target, brain = _head()
+  # An error of 0.1 inside the brain and a large one on the shell only.
+  recon = np.where(brain, target + 0.1, target)
+  recon = np.where(~brain & (target > 0.9), 0.0, recon)
+  mask = report.brain_mask(target)
+  inside = report._nrmse(recon, target, mask)
+  overall = report._nrmse(recon, target, np.ones_like(mask))
+  assert inside == pytest.approx(0.1 / np.sqrt(np.mean(target[mask] ** 2)), rel=0.05)
+  assert overall > 2 * inside
+  size = report.family_figure(tmp_path / "f.png", target[None], {"m": recon[None]}, target[None])
+  assert size == report.grid_size(1, 4, error_bar=True)
+
+
+def test_slice_scores_follow_the_records(scores):
+  psnr, ssim = report.slice_scores(scores, "base/argmax", "radial", [2, 0, 7])
+  np.testing.assert_array_equal(psnr[:2], [34.0, 30.0])
+  np.testing.assert_array_equal(ssim[:2], [0.7, 0.5])
+  assert np.isnan(psnr[2]) and np.isnan(ssim[2])
+  psnr, _ = report.slice_scores(scores, "base/argmax", "radial", [1], protocol="fastmri")
+  assert psnr[0] == 31.0
+  assert np.isnan(report.slice_scores(scores, "nope/argmax", "radial", [0])[0]).all()
 
 
 def test_levels_figure_and_shape_errors(tmp_path):
@@ -178,6 +251,8 @@ def test_levels_figure_and_shape_errors(tmp_path):
     report.family_figure(tmp_path / "x.png", _stack(1), {"base": _stack(2, 2)}, _stack(0))
   with pytest.raises(ValueError, match="levels_SKHW has shape"):
     report.levels_figure(tmp_path / "y.png", _stack(1), levels, _stack(0))
+  with pytest.raises(ValueError, match="row_labels has 1 entries for 2 slices"):
+    report.levels_figure(path, _stack(1, 2), levels, _stack(0, 2), row_labels=["a"])
 
 
 def test_a_single_contrast_has_no_separate_all_columns(scores):
@@ -210,3 +285,56 @@ def test_diagnostics_section_names_where_quality_is_lost():
     "(target → ceiling) 0.100; the per-scale prediction (ceiling → teacher-forced) 0.400" in text
   )
   assert "| m: free rollout | 0.300 | 0.300 | 0.300 | 0.300 | 0.300 | 0.300 |" in text
+
+
+def test_report_links_its_figures_and_the_html_embeds_them(scores, tmp_path):
+  (tmp_path / "figures").mkdir()
+  for name in ("radial.png", "radial_base_levels.png"):
+    report.levels_figure(
+      tmp_path / "figures" / name, _stack(1, 1), _stack(2, 1)[:, None], _stack(0, 1)
+    )
+  figures = report.figures_section(
+    {
+      "radial": [
+        ("Reconstructions", "figures/radial.png"),
+        ("base: cumulative token scales", "figures/radial_base_levels.png"),
+      ]
+    }
+  )
+  text = report.render_report(
+    report.summarize(scores, SLICES),
+    header={"Dataset": "demo", "Models": "base ← `runs/<student>`"},
+    models=["base"],
+    decodings=["argmax"],
+    families=["radial"],
+    protocols=["paper"],
+    contrasts=["T1", "T2"],
+    metric_names=["psnr"],
+    figures=figures,
+  )
+  assert text.rstrip().split("\n## ")[-1].startswith("Figures\n")
+  links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+  assert links == ["figures/radial.png", "figures/radial_base_levels.png"]
+  assert all((tmp_path / link).is_file() for link in links)
+
+  page = report.write_html(tmp_path / "report.html", text).read_text()
+  assert page.startswith("<!DOCTYPE html>") and "<title>Evaluation</title>" in page
+  sources = re.findall(r'src="([^"]*)"', page)
+  assert len(sources) == 2 and all(s.startswith("data:image/png;base64,") for s in sources)
+  for src, link in zip(sources, links, strict=True):
+    assert base64.b64decode(src.split(",", 1)[1]) == (tmp_path / link).read_bytes()
+  assert not re.search(r"(src|href)=\"(?!data:)", page)
+  # The Markdown subset: headings, bullets with bold and code, pipe tables with alignment.
+  assert "<h1>Evaluation</h1>" in page and "<h2>Winners</h2>" in page
+  assert "<li><strong>Models</strong>: base ← <code>runs/&lt;student&gt;</code></li>" in page
+  assert '<th style="text-align:center">T1 PSNR ↑</th>' in page
+  assert "<td>Zero-filled (R = 32)</td>" in page
+  assert "<strong>" in page.split("<h3>radial (decoding: argmax)</h3>")[1]
+  assert not [line for line in page.splitlines() if line.startswith("|")]
+
+
+def test_markdown_html_escapes_and_names_a_missing_image(tmp_path):
+  body = report.markdown_html("a <b> & `x|y`\n\n![gone](figures/gone.png)", tmp_path)
+  assert body == (
+    "<p>a &lt;b&gt; &amp; <code>x|y</code></p>\n<p><em>[missing figure: figures/gone.png]</em></p>"
+  )

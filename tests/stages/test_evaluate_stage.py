@@ -3,6 +3,7 @@ agreement with the returned metrics, and the errors for bad settings."""
 
 import csv
 import json
+import re
 
 import jax
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 
 from configs import eval as eval_config
 from nextaccel_jax import export, inference, testing
+from nextaccel_jax.data import pipeline
 from nextaccel_jax.evaluation import dists_metric, report
 from nextaccel_jax.models import aqvae
 from nextaccel_jax.models import dists as dists_model
@@ -130,15 +132,31 @@ def test_smoke_run_writes_a_consistent_report(smoke_data_dir, patched, tmp_path)
   psnr = metrics["distilled/argmax/radial/paper/psnr"]
   assert f"{psnr:.2f} ± " in text
 
-  # Columns: input, base, distilled, base+DC, distilled+DC (recon and error each), target.
+  # Columns: input, R = 32 mask, base, distilled, base+DC, distilled+DC (recon and error each),
+  # target.
+  written = set()
   for family in FAMILIES:
     with Image.open(tmp_path / "figures" / f"{family}.png") as im:
-      assert im.format == "PNG" and im.size == report.grid_size(2, 10)
-    with Image.open(tmp_path / "figures" / f"{family}_levels.png") as im:
-      assert im.size == report.grid_size(2, 8)
-    # Input, the four diagnostic decodes (recon and error each), target.
-    with Image.open(tmp_path / "figures" / f"{family}_diagnostics.png") as im:
-      assert im.size == report.grid_size(2, 10)
+      assert im.format == "PNG" and im.size == report.grid_size(2, 11, error_bar=True)
+    written.add(f"figures/{family}.png")
+    for model in ("base", "distilled"):
+      with Image.open(tmp_path / "figures" / f"{family}_{model}_levels.png") as im:
+        assert im.size == report.grid_size(2, 8)
+      # Input, the four diagnostic decodes (recon and error each), target.
+      with Image.open(tmp_path / "figures" / f"{family}_{model}_diagnostics.png") as im:
+        assert im.size == report.grid_size(2, 10, error_bar=True)
+      written |= {f"figures/{family}_{model}_{kind}.png" for kind in ("levels", "diagnostics")}
+  assert {f"figures/{p.name}" for p in (tmp_path / "figures").iterdir()} == written
+  # report.md links every figure (relative paths), report.html embeds them all.
+  figures = text.split("\n## Figures\n")[1]
+  links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", figures)
+  assert sorted(links) == sorted(written)
+  assert all((tmp_path / link).is_file() for link in links)
+  page = (tmp_path / "report.html").read_text()
+  sources = re.findall(r'<img [^>]*src="([^"]*)"', page)
+  assert len(sources) == len(written)
+  assert all(src.startswith("data:image/png;base64,") for src in sources)
+  assert not re.search(r"(src|href)=\"(?!data:)", page)
 
   # Diagnostics: the tokenizer's ceiling, teacher forcing and the free rollout of each model,
   # first protocol and LPIPS net; the rollout is the argmax row, scored the same way.
@@ -148,8 +166,10 @@ def test_smoke_run_writes_a_consistent_report(smoke_data_dir, patched, tmp_path)
       for m in ("psnr", "ssim", "lpips_alex"):
         assert np.isfinite(metrics[f"diagnostics/{model}/{diag}/radial/paper/{m}"])
       assert f"| {model}: {report.DIAGNOSTIC_LABELS[diag]} |" in text
+    # Batches holding figure slices decode through the per-scale path (`return_intermediates`),
+    # whose last level equals the plain decoding up to float32 rounding.
     assert metrics[f"diagnostics/{model}/rollout/radial/paper/ssim"] == pytest.approx(
-      metrics[f"{model}/argmax/radial/paper/ssim"]
+      metrics[f"{model}/argmax/radial/paper/ssim"], rel=1e-5
     )
     assert "fastmri" not in "".join(k for k in metrics if k.startswith(f"diagnostics/{model}/"))
     for mode in ("teacher_forced", "rollout"):
@@ -161,6 +181,57 @@ def test_smoke_run_writes_a_consistent_report(smoke_data_dir, patched, tmp_path)
     )
     assert f"- **{model}**: SSIM lost from the target to the rollout, mean over families" in text
   assert "| Token accuracy | Q16 | Q8 | Q4 | Q2 | QFS | all |" in text
+
+
+def test_brain_mask_of_the_smoke_target(smoke_data_dir):
+  source = pipeline.load_split("fastmri_brain_multiscale/smoke", "validation", smoke_data_dir)
+  levels = source[0]["levels"]
+  target = np.hypot(levels[0, -1, ..., 0], levels[0, -1, ..., 1])
+  mask = report.brain_mask(target)
+  n = target.shape[0]
+  # Most of the bright tissue is brain (the rest is the thin scalp shell the mask leaves out).
+  bright = target > 0.3 * target.max()
+  assert (mask & bright).sum() >= 0.7 * bright.sum()
+  assert mask[n // 2, n // 2] and 0.2 < mask.mean() < 0.8
+  for corner in (mask[:8, :8], mask[:8, -8:], mask[-8:, :8], mask[-8:, -8:]):
+    assert not corner.any()
+
+
+def _slices(volumes):
+  """A slices table of `{file_name: (contrast, number of slices)}`, records in that order."""
+  out, record = {}, 0
+  for name, (contrast, count) in volumes.items():
+    for i in range(count):
+      out[record] = {"file_name": name, "slice_index": i, "contrast": contrast}
+      record += 1
+  return out
+
+
+def test_figure_records_spread_over_volumes_and_contrasts():
+  slices = _slices(
+    {"b_t2.h5": ("T2", 4), "a_t2.h5": ("T2", 4), "c_t1.h5": ("T1", 6), "d_flair.h5": ("FLAIR", 2)}
+  )
+
+  def picked(num, order=("T1", "T2", "FLAIR")):
+    return [
+      (slices[r]["file_name"], slices[r]["slice_index"])
+      for r in evaluate.figure_records(slices, num, order)
+    ]
+
+  # One slice per contrast first, each its volume's middle one; then the second T2 volume.
+  assert picked(3) == [("c_t1.h5", 3), ("a_t2.h5", 2), ("d_flair.h5", 1)]
+  assert picked(4) == [("c_t1.h5", 3), ("a_t2.h5", 2), ("b_t2.h5", 2), ("d_flair.h5", 1)]
+  # More slices: each volume gives evenly spaced ones.
+  assert picked(8)[:3] == [("c_t1.h5", 1), ("c_t1.h5", 4), ("a_t2.h5", 1)]
+  assert len({f for f, _ in picked(4)}) == 4
+  assert len(evaluate.figure_records(slices, 100)) == len(slices)
+  assert evaluate.figure_records(slices, 0) == []
+  # Unknown contrasts come after the named ones; the result does not depend on record order.
+  assert picked(2, order=("FLAIR",)) == [("d_flair.h5", 1), ("c_t1.h5", 3)]
+  shuffled = dict(reversed(list(slices.items())))
+  assert evaluate.figure_records(shuffled, 5, ("T1",)) == evaluate.figure_records(
+    slices, 5, ("T1",)
+  )
 
 
 def test_dists_off_without_the_package_is_said(smoke_data_dir, patched, tmp_path, monkeypatch):
@@ -206,3 +277,37 @@ def test_config_presets():
   # Each preset keeps top-k at the paper's share of its vocabulary (900 / 4096).
   for preset, vocab in (("demo", 512), ("smoke", 64)):
     assert eval_config.get_config(preset).sampling.top_k == round(900 / 4096 * vocab)
+
+
+def test_training_runs_behind_the_rows(tmp_path):
+  for name in ("aqvae", "student", "distill"):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
+  (tmp_path / "export").mkdir()
+  models = [
+    ("base", str(tmp_path / "student")),
+    ("distilled", str(tmp_path / "export")),
+    ("unet", str(tmp_path / "no_such_run")),
+  ]
+  exported = {
+    "distilled": {
+      "meta": {
+        "transformer_from": str(tmp_path / "distill"),
+        "tokenizer_from": str(tmp_path / "aqvae"),
+      }
+    }
+  }
+  # The export names its own workdirs; a row without metrics.jsonl has no curves.
+  runs = evaluate.training_runs(models, "", exported)
+  assert runs == {
+    "tokenizer": str(tmp_path / "aqvae"),
+    "base": str(tmp_path / "student"),
+    "distilled": str(tmp_path / "distill"),
+  }
+  paths = evaluate._write_curves(tmp_path / "figures", runs)
+  assert [rel for _, rel in paths] == [
+    "figures/curves_tokenizer.png",
+    "figures/curves_base.png",
+    "figures/curves_distilled.png",
+  ]
+  assert all((tmp_path / rel).is_file() for _, rel in paths)
