@@ -1,17 +1,18 @@
-"""The Colab notebooks: valid and stripped, identical to what `colab/make_notebooks.py` writes,
-calling only package names that exist; the quickstart runs top to bottom on the smoke preset."""
+"""The Colab notebooks: valid and stripped, identical to what jupytext makes of their percent
+scripts (`colab/*.py`), calling only package names that exist; the quickstart runs top to bottom
+on the smoke preset, and its rendered copy (with outputs) holds the quickstart's current cells."""
 
 from __future__ import annotations
 
 import ast
 import importlib
-import importlib.util
 import json
 import pathlib
 import sys
 import time
 
 import jax
+import jupytext
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -19,6 +20,9 @@ from nbclient import NotebookClient
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COLAB = ROOT / "colab"
 NOTEBOOKS = ("quickstart.ipynb", "train_tpu.ipynb")
+# Written by `colab/render.py`: the quickstart run on the smoke preset, outputs kept.
+RENDERED = "quickstart.rendered.ipynb"
+INJECTED_TAG = "injected-parameters"
 # Top-level names whose attributes the notebooks must find: the package and the stage configs.
 CHECKED = ("nextaccel_jax", "configs")
 TRAINING_STAGES = ("aqvae", "student", "teacher", "distill")
@@ -58,15 +62,66 @@ def test_notebook_is_valid_stripped_and_parses(name):
   assert all(isinstance(s, ast.Assign) for s in ast.parse(params.source).body)
 
 
-def test_notebooks_match_their_generator():
-  spec = importlib.util.spec_from_file_location("make_notebooks", COLAB / "make_notebooks.py")
-  gen = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(gen)
-  assert sorted(gen.NOTEBOOKS) == sorted(NOTEBOOKS)
-  for name, make in gen.NOTEBOOKS.items():
-    generated = json.loads(nbformat.writes(make()))
-    stored = json.loads((COLAB / name).read_text())
-    assert generated == stored, f"colab/{name} is stale: run `python colab/make_notebooks.py`"
+def _cells(nb) -> list[tuple[str, str, dict]]:
+  return [(c.cell_type, c.source, dict(c.metadata)) for c in nb.cells]
+
+
+def _percent_script(name: str):
+  return jupytext.read(COLAB / name.replace(".ipynb", ".py"), fmt="py:percent")
+
+
+def _without_jupytext(metadata) -> dict:
+  return {k: v for k, v in metadata.items() if k != "jupytext"}
+
+
+def test_every_percent_script_has_its_notebook():
+  scripts = {p.stem for p in COLAB.glob("*.py") if p.read_text().startswith("# ---\n# jupyter:")}
+  assert scripts == {pathlib.Path(n).stem for n in NOTEBOOKS}
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_matches_its_percent_script(name):
+  expected = _percent_script(name)
+  stored = _read(name)
+  regenerate = f"run `jupytext --update --to ipynb colab/{name.replace('.ipynb', '.py')}`"
+  assert _cells(stored) == _cells(expected), f"colab/{name} is stale: {regenerate}"
+  assert _without_jupytext(stored.metadata) == _without_jupytext(expected.metadata), regenerate
+
+
+def _install_cell(nb) -> str:
+  found = [c.source for c in nb.cells if "def find_checkout(" in c.source]
+  assert len(found) == 1, "expected one install cell"
+  return found[0]
+
+
+def test_notebooks_share_the_install_cell():
+  # Both notebooks install the same way; each copy must change with the other.
+  first, *others = (_install_cell(_read(name)) for name in NOTEBOOKS)
+  assert all(other == first for other in others)
+
+
+def test_rendered_quickstart_holds_the_current_cells_and_their_outputs():
+  rendered = _read(RENDERED)
+  nbformat.validate(rendered)
+  cells = [c for c in rendered.cells if INJECTED_TAG not in c.metadata.get("tags", [])]
+  injected = [c for c in rendered.cells if INJECTED_TAG in c.metadata.get("tags", [])]
+  assert len(injected) == 1 and 'PRESET = "smoke"' in injected[0].source
+  quickstart = _read("quickstart.ipynb")
+  assert [(c.cell_type, c.source) for c in cells] == [
+    (c.cell_type, c.source) for c in quickstart.cells
+  ], f"colab/{RENDERED} is stale: run `python colab/render.py`"
+  code = [c for c in rendered.cells if c.cell_type == "code"]
+  assert all(c.execution_count is not None for c in code), "not every cell was run"
+  outputs = [o for c in code for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  assert any("image/png" in o.get("data", {}) for o in outputs), "no figure was kept"
+  text = json.dumps(outputs)
+  # `render.py` cleans out the checkout's and the home folder's paths and colour codes.
+  private_texts = [str(ROOT), "\\u001b["]
+  if len(pathlib.Path.home().parts) > 1:
+    private_texts.append(str(pathlib.Path.home()))
+  for private in private_texts:
+    assert private not in text, f"colab/{RENDERED} outputs contain {private!r}"
 
 
 def _module_names(tree: ast.Module) -> tuple[dict[str, object], list[str]]:
@@ -149,6 +204,12 @@ def _kernel_spec_dir(tmp_path: pathlib.Path) -> pathlib.Path:
   return tmp_path / "jupyter"
 
 
+def _code_cell_with(nb, text: str):
+  found = [c for c in nb.cells if c.cell_type == "code" and text in c.source]
+  assert len(found) == 1, f"expected one code cell containing {text!r}, found {len(found)}"
+  return found[0]
+
+
 @pytest.mark.slow
 def test_quickstart_runs_on_the_smoke_preset(smoke_pipeline, tmp_path, monkeypatch):
   # After the smoke pipeline (same configs, same worker): the notebook's compilations are hits in
@@ -166,7 +227,7 @@ def test_quickstart_runs_on_the_smoke_preset(smoke_pipeline, tmp_path, monkeypat
       ]
     )
   )
-  override.metadata["tags"] = ["injected-parameters"]
+  override.metadata["tags"] = [INJECTED_TAG]
   nb.cells.insert(_parameters_index(nb) + 1, override)
 
   monkeypatch.setenv("JUPYTER_PATH", str(_kernel_spec_dir(tmp_path)))
@@ -194,12 +255,10 @@ def test_quickstart_runs_on_the_smoke_preset(smoke_pipeline, tmp_path, monkeypat
   for stage in TRAINING_STAGES:
     metrics = json.loads((workdir / stage / "final_metrics.json").read_text())
     assert metrics, f"{stage} wrote empty final metrics"
-  cells = {c.get("id"): c for c in nb.cells}
-  images = [
-    o for o in cells["figure"].outputs if o.output_type == "display_data" and "image/png" in o.data
-  ]
+  figure = _code_cell_with(nb, "fig.savefig(")
+  images = [o for o in figure.outputs if o.output_type == "display_data" and "image/png" in o.data]
   assert images, "the figure cell displayed no PNG"
   assert list((workdir / "figures").glob("*.png"))
-  scores = "".join(o.get("text", "") for o in cells["scores"].outputs)
+  scores = "".join(o.get("text", "") for o in _code_cell_with(nb, "evaluate_slices(").outputs)
   for family in ("cartesian_y", "cartesian_x", "gaussian_2d", "radial"):
     assert family in scores
