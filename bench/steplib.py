@@ -5,23 +5,38 @@ from __future__ import annotations
 import time
 
 
+def compile_measured(fn, *args):
+  """Lowers and compiles `fn(*args)` without printing.
+
+  Returns:
+    `(compiled, seconds, memory, flops)`: the compile time, `common.step_memory` (None where XLA
+    does not report it) and the FLOPs of one call from XLA's cost analysis (0 when absent).
+  """
+  from nextaccel_jax.stages import common
+
+  t = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  seconds = time.perf_counter() - t
+  return compiled, seconds, common.step_memory(compiled), cost_flops(compiled)
+
+
+def cost_flops(compiled) -> float:
+  """FLOPs of one call of a compiled function by XLA's cost analysis (0 where it gives none)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
 def compile_step(train_fn, *args):
   """Lowers and compiles `train_fn(*args)`; prints compile time, memory and FLOPs per step.
 
   Returns:
     `(compiled, flops)`.
   """
-  t = time.perf_counter()
-  compiled = train_fn.lower(*args).compile()
-  print(f"compile: {time.perf_counter() - t:.1f} s")
-  from nextaccel_jax.stages import common
-
-  mem = common.step_memory(compiled)
+  compiled, seconds, mem, flops = compile_measured(train_fn, *args)
+  print(f"compile: {seconds:.1f} s")
   if mem is not None:
     print(f"compiled memory per device: {mem}")
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list | tuple) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
   print(f"XLA cost analysis: {flops / 1e12:.3f} TFLOP per step")
   return compiled, flops
 
