@@ -56,7 +56,7 @@ def _with_smoke_parameters(nb):
   return nb
 
 
-def _kernel_spec_dir(folder: pathlib.Path) -> pathlib.Path:
+def kernel_spec_dir(folder: pathlib.Path) -> pathlib.Path:
   """A `python3` kernelspec running this interpreter, ahead of any user or system one (which
   could point at another Python without the package)."""
   spec_dir = folder / "jupyter" / "kernels" / "python3"
@@ -131,7 +131,7 @@ def render() -> None:
 
   with tempfile.TemporaryDirectory(prefix="quickstart_render_") as tmp:
     run_dir = pathlib.Path(tmp).resolve()
-    os.environ["JUPYTER_PATH"] = str(_kernel_spec_dir(run_dir))
+    os.environ["JUPYTER_PATH"] = str(kernel_spec_dir(run_dir))
     # The CPU, so the rendered outputs do not depend on the machine's accelerator.
     os.environ["JAX_PLATFORMS"] = "cpu"
     # Tiny models spend far longer in XLA's optimisation passes than running.

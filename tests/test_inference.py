@@ -348,5 +348,8 @@ def test_reconstructor_applies_consistency_to_its_output(tok, tiny, data):
   dc, aux = rec(data["x"], data["family"], mask_BHW=mask, return_intermediates=True)
   np.testing.assert_array_equal(aux["decoded_BHW2"], plain)
   np.testing.assert_allclose(
-    dc, I.data_consistency(plain, data["x"], mask, consistency=rec.consistency), atol=1e-6
+    dc,
+    I.data_consistency(plain, data["x"], mask, consistency=rec.consistency),
+    atol=1e-6,
+    rtol=1e-6,
   )

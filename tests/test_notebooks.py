@@ -8,7 +8,6 @@ import ast
 import importlib
 import json
 import pathlib
-import sys
 import time
 
 import jax
@@ -190,18 +189,12 @@ def test_notebook_uses_only_existing_package_names(name):
     assert any(c.endswith(fn) for c in checked), f"{name} never calls {fn}"
 
 
-def _kernel_spec_dir(tmp_path: pathlib.Path) -> pathlib.Path:
-  """A `python3` kernelspec running this interpreter, ahead of any user or system one (which
-  could point at another Python without the package)."""
-  spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
-  spec_dir.mkdir(parents=True)
-  spec = {
-    "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-    "display_name": "Python 3",
-    "language": "python",
-  }
-  (spec_dir / "kernel.json").write_text(json.dumps(spec))
-  return tmp_path / "jupyter"
+def _render_module():
+  # colab/ is not a package: the rendering script is loaded from its file.
+  spec = importlib.util.spec_from_file_location("colab_render", COLAB / "render.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def _code_cell_with(nb, text: str):
@@ -230,7 +223,7 @@ def test_quickstart_runs_on_the_smoke_preset(smoke_pipeline, tmp_path, monkeypat
   override.metadata["tags"] = [INJECTED_TAG]
   nb.cells.insert(_parameters_index(nb) + 1, override)
 
-  monkeypatch.setenv("JUPYTER_PATH", str(_kernel_spec_dir(tmp_path)))
+  monkeypatch.setenv("JUPYTER_PATH", str(_render_module().kernel_spec_dir(tmp_path)))
   # The kernel inherits conftest's eight simulated CPU devices and the session's compilation cache.
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   cache_dir = jax.config.jax_compilation_cache_dir

@@ -327,7 +327,8 @@ def run(
   recs = {}
   for name, src in models:
     try:
-      rec = export.load_reconstructor(src, config.tokenizer_from)
+      # An export carries its own tokenizer; the override is for training workdirs.
+      rec = export.load_reconstructor(src, "" if _is_export(src) else config.tokenizer_from)
     except Exception as e:
       e.add_note(f"while loading config.models.{name}={src}")
       raise
@@ -536,7 +537,6 @@ def run(
     blob = json.dumps(metrics, indent=2)
     (workdir / "metrics.json").write_text(blob)
     (workdir / "final_metrics.json").write_text(blob)
-    logging.info("evaluation report written to %s (%.1f s)", workdir / "report.md", wall)
     print(f"{console_summary(text)}\nreport: {workdir / 'report.md'}", flush=True)
   return metrics
 

@@ -26,7 +26,6 @@ import pathlib
 import time
 
 import ml_collections
-from absl import logging
 
 from nextaccel_jax import ConfigError, export
 from nextaccel_jax.stages import (
@@ -286,7 +285,6 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     wall = float(record.get("wall_s", 0.0)) + time.perf_counter() - start
     state["stages"][name] = {"done": True, "wall_s": wall, "config": cfg}
     common.write_run_state(state_path, state)
-    logging.info("pipeline: %s finished in %.1f min", name, wall / 60)
     print(f"{tag} {name}: finished in {wall / 60:.1f} min", flush=True)
     if name == "evaluate":
       result = out
