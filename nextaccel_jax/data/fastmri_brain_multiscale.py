@@ -594,15 +594,15 @@ def _preprocess_all(jobs, kwargs: dict, num_workers: int) -> None:
     for path, entry in jobs:
       _preprocess_to_cache(path, entry, kwargs)
     return
-  todo = list(jobs)
-  while todo:
-    suspects, todo = _run_pool(todo, kwargs, num_workers)
+  remaining = list(jobs)
+  while remaining:
+    suspects, remaining = _run_pool(remaining, kwargs, num_workers)
     if suspects:
       logging.warning(
         "a preprocessing worker process died; retrying the %d files it may have been working on "
         "one at a time, then the other %d in a fresh pool",
         len(suspects),
-        len(todo),
+        len(remaining),
       )
     for path, entry in suspects:
       if _run_pool([(path, entry)], kwargs, 1)[0]:
